@@ -1,0 +1,1 @@
+"""The FastAPI service: HTTP, authentication, the database, storage and the command line."""

@@ -1,0 +1,264 @@
+"""Assignment specs (`assignments/<slug>/assignment.toml` or `.yaml`): schema and loader."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from graders.architectures import Architecture
+from graders.preprocessing import PreprocessingKind
+from graders.threat_model import Norm, ThreatModel
+
+SPEC_FILE_NAMES = ("assignment.toml", "assignment.yaml", "assignment.yml")
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+Slug = Annotated[str, Field(pattern=SLUG_PATTERN)]
+
+
+class SpecError(ValueError):
+    """An assignment spec is invalid; the message names the file, the field and the reason."""
+
+
+class Track(StrEnum):
+    ATTACK = "attack"
+
+
+class Metric(StrEnum):
+    """How an attack batch is scored: the mean over hidden models of their accuracy (lower wins)."""
+
+    MEAN_ACCURACY = "mean_accuracy"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArtifactRef(_Spec):
+    """A hidden file in the data directory, pinned by its sha256 (checked whenever it is loaded)."""
+
+    file: str = Field(min_length=1, max_length=255)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+    @field_validator("file")
+    @classmethod
+    def _plain_relative_name(cls, value: str) -> str:
+        parts = Path(value).parts
+        if Path(value).is_absolute() or ".." in parts or "\\" in value:
+            raise ValueError("must be a relative path inside the data directory, without '..'")
+        return value
+
+
+class PreprocessingSpec(_Spec):
+    kind: PreprocessingKind
+    quality: int | None = Field(default=None, ge=1, le=100)
+    bits: int | None = Field(default=None, ge=1, le=8)
+
+    @model_validator(mode="after")
+    def _params_match_kind(self) -> PreprocessingSpec:
+        if self.kind is PreprocessingKind.JPEG and self.quality is None:
+            raise ValueError("jpeg preprocessing needs `quality` (1-100)")
+        if self.kind is PreprocessingKind.BIT_DEPTH and self.bits is None:
+            raise ValueError("bit_depth preprocessing needs `bits` (1-8)")
+        return self
+
+    @property
+    def params(self) -> dict[str, int]:
+        return {k: v for k, v in (("quality", self.quality), ("bits", self.bits)) if v is not None}
+
+
+class HiddenModelSpec(_Spec):
+    """One hidden model: a registry architecture (or a TA factory) plus pinned weights."""
+
+    name: Slug
+    architecture: Architecture | None = None
+    factory: str | None = Field(default=None, pattern=r"^[\w.-]+\.py:[A-Za-z_]\w*$")
+    weights: ArtifactRef
+    preprocessing: PreprocessingSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HiddenModelSpec:
+        if (self.architecture is None) == (self.factory is None):
+            raise ValueError(
+                "give exactly one of `architecture` (one of "
+                f"{', '.join(a.value for a in Architecture)}) or `factory` ('file.py:function')"
+            )
+        return self
+
+
+class ThreatModelSpec(_Spec):
+    norm: Norm = Norm.LINF
+    eps: float = Field(default=8.0, gt=0, le=255, description="on the 0-255 pixel scale")
+
+    def to_threat_model(self) -> ThreatModel:
+        return ThreatModel(norm=self.norm, eps=self.eps)
+
+
+class LimitsSpec(_Spec):
+    max_per_day: int | None = Field(default=10, ge=1)
+    max_total: int | None = Field(default=None, ge=1)
+    max_upload_mb: float = Field(default=16.0, gt=0, le=1024)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+class PhaseSpec(_Spec):
+    id: Slug
+    title: str = Field(min_length=1)
+    description: str = ""
+    track: Track
+    opens_at: datetime
+    due_at: datetime
+    threat_model: ThreatModelSpec = ThreatModelSpec()
+    evaluation_set: ArtifactRef
+    hidden_models: list[HiddenModelSpec] = Field(min_length=1)
+    metric: Metric = Metric.MEAN_ACCURACY
+    limits: LimitsSpec = LimitsSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PhaseSpec:
+        names = [m.name for m in self.hidden_models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hidden model names must be unique, got {names}")
+        if self.opens_at.tzinfo is not None and self.due_at <= self.opens_at:
+            raise ValueError("due_at must be after opens_at")
+        return self
+
+    def is_open(self, now: datetime) -> bool:
+        return self.opens_at <= now < self.due_at
+
+
+class AssignmentSpec(_Spec):
+    slug: Slug
+    title: str = Field(min_length=1)
+    description: str = ""
+    timezone: str = "UTC"
+    phases: list[PhaseSpec] = Field(min_length=1)
+
+    _folder: Path = PrivateAttr(default=Path("."))
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown IANA timezone {value!r} (e.g. 'Europe/Zurich')") from exc
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _localize_times(cls, data: Any) -> Any:
+        """Phase times without an offset are in the course timezone; all are stored in UTC."""
+        if not isinstance(data, dict) or not isinstance(data.get("phases"), list):
+            return data
+        try:
+            zone = ZoneInfo(str(data.get("timezone", "UTC")))
+        except (ZoneInfoNotFoundError, ValueError):
+            return data  # the field validator reports it
+        phases = []
+        for phase in data["phases"]:
+            if isinstance(phase, dict):
+                phase = dict(phase)
+                for key in ("opens_at", "due_at"):
+                    value = phase.get(key)
+                    if isinstance(value, str):
+                        try:
+                            value = datetime.fromisoformat(value)
+                        except ValueError:
+                            continue
+                    if isinstance(value, datetime):
+                        if value.tzinfo is None:
+                            value = value.replace(tzinfo=zone)
+                        phase[key] = value.astimezone(UTC)
+            phases.append(phase)
+        return {**data, "phases": phases}
+
+    @model_validator(mode="after")
+    def _unique_phases(self) -> AssignmentSpec:
+        ids = [p.id for p in self.phases]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"phase ids must be unique, got {ids}")
+        return self
+
+    @property
+    def folder(self) -> Path:
+        """The assignment's folder (where a TA factory file lives)."""
+        return self._folder
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def phase(self, phase_id: str) -> PhaseSpec | None:
+        return next((p for p in self.phases if p.id == phase_id), None)
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the document must be a table/mapping at the top level")
+    return data
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        lines.append(f"{path}: {field}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_assignment(folder: Path) -> AssignmentSpec:
+    """Read and validate the spec in ``folder``; the slug is the folder's name."""
+    candidates = [folder / name for name in SPEC_FILE_NAMES if (folder / name).is_file()]
+    if not candidates:
+        raise SpecError(f"{folder}: no {' or '.join(SPEC_FILE_NAMES)} found")
+    if len(candidates) > 1:
+        raise SpecError(f"{folder}: several spec files ({', '.join(c.name for c in candidates)})")
+    path = candidates[0]
+    data = _read_document(path)
+    if "slug" in data and data["slug"] != folder.name:
+        raise SpecError(f"{path}: slug: {data['slug']!r} differs from the folder name")
+    if not re.match(SLUG_PATTERN, folder.name):
+        raise SpecError(f"{path}: the folder name must be a slug matching {SLUG_PATTERN}")
+    try:
+        spec = AssignmentSpec.model_validate({**data, "slug": folder.name})
+    except ValidationError as exc:
+        raise SpecError(_describe(path, exc)) from exc
+    spec._folder = folder.resolve()
+    return spec
+
+
+def load_assignments(directory: Path) -> dict[str, AssignmentSpec]:
+    """Every assignment under ``directory`` (one folder each), by slug; an invalid one fails."""
+    if not directory.is_dir():
+        return {}
+    specs: dict[str, AssignmentSpec] = {}
+    for folder in sorted(p for p in directory.iterdir() if p.is_dir()):
+        if any((folder / name).is_file() for name in SPEC_FILE_NAMES):
+            spec = load_assignment(folder)
+            specs[spec.slug] = spec
+    return specs

@@ -1,0 +1,106 @@
+"""The one settings class: every environment variable the service reads is declared here."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET_KEY = "dev-insecure-secret-change-me"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    """Service configuration, read from ``AUTOGRADER_*`` variables (and the two URLs below).
+
+    Everything defaults to the embedded setup under ``AUTOGRADER_HOME`` (``.autograder``):
+    a SQLite database file and Celery over kombu's SQLAlchemy transport on SQLite. Production sets
+    ``DATABASE_URL`` (PostgreSQL via psycopg 3) and ``CELERY_BROKER_URL`` (Redis); the code path is
+    the same.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="AUTOGRADER_", extra="ignore", populate_by_name=True
+    )
+
+    environment: Environment = Environment.DEVELOPMENT
+    secret_key: str = DEFAULT_SECRET_KEY
+    home: Path = Path(".autograder")
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "AUTOGRADER_DATABASE_URL")
+    )
+    celery_broker_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("CELERY_BROKER_URL", "AUTOGRADER_CELERY_BROKER_URL"),
+    )
+    data_dir: Path | None = None
+    upload_dir: Path | None = None
+    assignments_dir: Path = Path("assignments")
+    cifar10_dir: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = None
+    worker_concurrency: int = Field(default=1, ge=1)
+    broker_polling_interval_s: float = Field(default=0.1, gt=0)
+    max_upload_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    worker_heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_stale_after_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(default=60.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        home = self.home.resolve()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{home / 'autograder.db'}"
+        if self.celery_broker_url is None:
+            self.celery_broker_url = f"sqla+sqlite:///{home / 'broker.db'}"
+        if self.data_dir is None:
+            self.data_dir = home / "data"
+        if self.upload_dir is None:
+            self.upload_dir = home / "uploads"
+        if self.public_url is None:
+            self.public_url = f"http://{self.host}:{self.port}"
+        if self.environment is Environment.PRODUCTION:
+            if self.secret_key == DEFAULT_SECRET_KEY or len(self.secret_key) < 32:
+                raise ValueError(
+                    "AUTOGRADER_SECRET_KEY must be set to a random string of at least 32 "
+                    "characters in production (e.g. `python -c 'import secrets; "
+                    "print(secrets.token_urlsafe(48))'`); the development default is refused."
+                )
+        return self
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return str(self.celery_broker_url).startswith("sqla+")
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, always set after validation."""
+        return str(self.database_url)
+
+    @property
+    def broker_url(self) -> str:
+        return str(self.celery_broker_url)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(str(self.data_dir))
+
+    @property
+    def upload_path(self) -> Path:
+        return Path(str(self.upload_dir))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings of this process, read once from the environment."""
+    return Settings()

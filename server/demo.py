@@ -1,0 +1,245 @@
+"""The demo course: an evaluation set, three trained hidden models, a spec and four accounts.
+
+CIFAR-10 is used when found on disk; otherwise a procedural 10-class data set is generated and
+labelled synthetic everywhere it is shown. A second run reuses what the first one built.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from graders.architectures import Architecture, build_model
+from graders.checkpoints import sha256_file, write_safetensors
+from graders.datasets import (
+    CIFAR10_CLASSES,
+    SYNTHETIC_CLASSES,
+    EvalSet,
+    find_cifar10,
+    load_cifar10,
+    make_synthetic,
+    save_eval_set,
+    select_balanced,
+)
+from graders.errors import ArtifactError
+from graders.training import accuracy, train_classifier
+from server.artifacts import artifact_path
+from server.assignments import SpecError, load_assignment
+from server.config import Settings
+from server.db import session_factory_for
+from server.migrations import upgrade
+from server.models import Role, User
+from server.security import create_user, issue_token, user_for_token
+
+DEMO_SLUG = "demo"
+ATTACK_PHASE = "attack"
+TA_USERNAME = "ta"
+STUDENT_USERNAMES = ("alice", "bob", "carol")
+HIDDEN_MODELS = (  # name, training seed, preprocessing in TOML
+    ("resnet20-a", 1, None),
+    ("resnet20-b", 2, None),
+    ("resnet20-jpeg", 3, '{ kind = "jpeg", quality = 75 }'),
+)
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """How much the demo trains; tests shrink these, `make demo` uses the defaults."""
+
+    train_per_class: int = 400
+    epochs: int = 6
+    eval_images: int = 500
+    seconds_per_model: float = 25.0
+
+
+def _log(message: str) -> None:
+    print(f"demo: {message}", flush=True)
+
+
+def _training_and_eval_data(
+    settings: Settings, options: DemoOptions
+) -> tuple[np.ndarray, np.ndarray, EvalSet]:
+    cifar = find_cifar10(
+        [p for p in (settings.cifar10_dir, settings.data_path, settings.home, Path("data")) if p]
+    )
+    if cifar is not None:
+        _log(f"using CIFAR-10 from {cifar}")
+        train_x, train_y = load_cifar10(cifar, "train")
+        test_x, test_y = load_cifar10(cifar, "test")
+        eval_set = select_balanced(
+            test_x,
+            test_y,
+            n=options.eval_images,
+            seed=0,
+            class_names=CIFAR10_CLASSES,
+            source=f"CIFAR-10 test split, seed 0, {options.eval_images // 10} per class",
+        )
+        rng = np.random.default_rng(0)
+        keep = rng.permutation(len(train_x))[: options.train_per_class * 10]
+        return train_x[keep], train_y[keep], eval_set
+    _log("CIFAR-10 not found: generating a SYNTHETIC 10-class data set (not CIFAR-10)")
+    train_x, train_y = make_synthetic(options.train_per_class, seed=1)
+    pool_x, pool_y = make_synthetic(options.eval_images // 10, seed=2)
+    eval_set = select_balanced(
+        pool_x,
+        pool_y,
+        n=options.eval_images,
+        seed=0,
+        class_names=SYNTHETIC_CLASSES,
+        synthetic=True,
+        source="synthetic procedural shapes (not CIFAR-10), seed 2",
+    )
+    return train_x, train_y, eval_set
+
+
+def _spec_text(eval_sha: str, models: list[tuple[str, str, str | None]], synthetic: bool) -> str:
+    now = datetime.now(UTC).replace(microsecond=0, second=0)
+    opens, due = now - timedelta(days=1), now + timedelta(days=90)
+    data = "synthetic images (not CIFAR-10)" if synthetic else "CIFAR-10 test images"
+    lines = [
+        "# Written by `autograder demo`; rebuilt when its artifacts change.",
+        f'title = "Demo course: adversarial examples on {data}"',
+        'timezone = "UTC"',
+        f'description = "A demo assignment built offline. Images: {data}."',
+        "",
+        "[[phases]]",
+        f'id = "{ATTACK_PHASE}"',
+        'title = "Phase 1: untargeted gray-box attack"',
+        'track = "attack"',
+        'description = "Perturb every clean image within L-inf 8 (0-255 scale) so that the '
+        'hidden models misclassify it. Score: their mean accuracy, lower is better."',
+        f"opens_at = {opens.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        f"due_at = {due.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        'threat_model = { norm = "linf", eps = 8 }',
+        f'evaluation_set = {{ file = "demo/eval-set.npz", sha256 = "{eval_sha}" }}',
+        "limits = { max_per_day = 50, max_total = 500, max_upload_mb = 16 }",
+    ]
+    for name, sha, preprocessing in models:
+        lines += [
+            "",
+            "[[phases.hidden_models]]",
+            f'name = "{name}"',
+            'architecture = "resnet20"',
+            f'weights = {{ file = "demo/{name}.safetensors", sha256 = "{sha}" }}',
+        ]
+        if preprocessing:
+            lines.append(f"preprocessing = {preprocessing}")
+    return "\n".join(lines) + "\n"
+
+
+def _spec_path(settings: Settings) -> Path:
+    return settings.assignments_dir / DEMO_SLUG / "assignment.toml"
+
+
+def demo_is_built(settings: Settings) -> bool:
+    """True when the demo spec exists and every artifact it pins is present and unchanged."""
+    try:
+        spec = load_assignment(_spec_path(settings).parent)
+    except SpecError:
+        return False
+    refs = [p.evaluation_set for p in spec.phases]
+    refs += [m.weights for p in spec.phases for m in p.hidden_models]
+    try:
+        for ref in refs:
+            path = artifact_path(settings.data_path, ref)
+            if not path.is_file() or sha256_file(path) != ref.sha256:
+                return False
+    except ArtifactError:
+        return False
+    return True
+
+
+def build_artifacts(settings: Settings, options: DemoOptions) -> None:
+    """Make the evaluation set, train and save the hidden models, and write the spec."""
+    started = time.perf_counter()
+    out = settings.data_path / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    train_x, train_y, eval_set = _training_and_eval_data(settings, options)
+    save_eval_set(eval_set, out / "eval-set.npz")
+    models = []
+    for name, seed, preprocessing in HIDDEN_MODELS:
+        torch.manual_seed(seed)
+        model = build_model(Architecture.RESNET20)
+        report = train_classifier(
+            model,
+            train_x,
+            train_y,
+            epochs=options.epochs,
+            seed=seed,
+            time_budget_s=options.seconds_per_model,
+        )
+        held_out = accuracy(model, eval_set.images, eval_set.labels)
+        _log(
+            f"trained {name}: {report.epochs_run} epochs in {report.seconds:.1f} s, "
+            f"clean accuracy on the evaluation set {held_out:.1%}"
+        )
+        path = out / f"{name}.safetensors"
+        write_safetensors(model, path)
+        models.append((name, sha256_file(path), preprocessing))
+    spec_path = _spec_path(settings)
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(
+        _spec_text(sha256_file(out / "eval-set.npz"), models, eval_set.synthetic), encoding="utf-8"
+    )
+    load_assignment(spec_path.parent)  # the spec we wrote must validate
+    _log(f"artifacts built in {time.perf_counter() - started:.0f} s")
+
+
+def _account(session: Any, settings: Settings, username: str, role: Role, token: str | None) -> str:
+    user = session.query(User).filter_by(username=username).one_or_none()
+    if user is None:
+        user = create_user(session, username=username, role=role)
+    if token and (found := user_for_token(session, token=token, secret_key=settings.secret_key)):
+        if found.id == user.id:
+            return token
+    return issue_token(session, user=user, secret_key=settings.secret_key, name="demo")
+
+
+def ensure_accounts(settings: Settings, credentials_path: Path) -> dict[str, Any]:
+    """One TA and three students with API tokens; existing valid tokens are kept."""
+    previous: dict[str, Any] = {}
+    if credentials_path.is_file():
+        previous = json.loads(credentials_path.read_text(encoding="utf-8"))
+    old_tokens = {previous.get("ta", {}).get("username"): previous.get("ta", {}).get("token")}
+    for student in previous.get("students", []):
+        old_tokens[student.get("username")] = student.get("token")
+    upgrade(settings.db_url)
+    with session_factory_for(settings.db_url)() as session:
+        ta_token = _account(session, settings, TA_USERNAME, Role.TA, old_tokens.get(TA_USERNAME))
+        students = [
+            {
+                "username": name,
+                "token": _account(session, settings, name, Role.STUDENT, old_tokens.get(name)),
+            }
+            for name in STUDENT_USERNAMES
+        ]
+        session.commit()
+    credentials = {
+        "base_url": settings.public_url,
+        "ta": {"username": TA_USERNAME, "token": ta_token},
+        "students": students,
+        "assignment": DEMO_SLUG,
+        "attack_phase": ATTACK_PHASE,
+    }
+    credentials_path.parent.mkdir(parents=True, exist_ok=True)
+    credentials_path.write_text(json.dumps(credentials, indent=2) + "\n", encoding="utf-8")
+    credentials_path.chmod(0o600)
+    return credentials
+
+
+def build_demo(
+    settings: Settings, options: DemoOptions, *, rebuild: bool = False
+) -> dict[str, Any]:
+    """Build (or reuse) the demo course; returns the credentials written to the home folder."""
+    if rebuild or not demo_is_built(settings):
+        build_artifacts(settings, options)
+    else:
+        _log(f"reusing the demo course in {settings.home}")
+    return ensure_accounts(settings, settings.home / "demo-credentials.json")

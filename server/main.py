@@ -1,0 +1,39 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI
+from fastapi.responses import RedirectResponse
+
+from server.api.routes import assignments, submissions, system
+from server.catalog import Catalog
+from server.config import Settings, get_settings
+from server.db import session_factory_for
+from server.errors import install_error_handlers
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app for ``settings``; invalid assignment specs fail here, at start-up."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="Adversarial ML autograder",
+        version="0.1.0",
+        description="Attack-phase submissions for CIFAR-10 courses; see the README.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.catalog = Catalog.load(settings.assignments_dir)
+    app.state.session_factory = session_factory_for(settings.db_url)
+    install_error_handlers(app)
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (system, assignments, submissions):
+        api.include_router(module.router)
+    app.include_router(api)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    return app

@@ -1,0 +1,142 @@
+"""API schemas, separate from the ORM tables and named for their role."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class ThreatModelPublic(BaseModel):
+    norm: str
+    eps: float
+    scale: str = "0-255 pixel values"
+
+
+class LimitsPublic(BaseModel):
+    max_per_day: int | None
+    max_total: int | None
+    max_upload_bytes: int
+
+
+class PhasePublic(BaseModel):
+    id: str
+    title: str
+    description: str
+    track: str
+    opens_at: datetime
+    due_at: datetime
+    is_open: bool
+    threat_model: ThreatModelPublic
+    n_images: int | None
+    synthetic_images: bool | None
+    hidden_model_count: int
+    metric: str
+    metric_description: str
+    limits: LimitsPublic
+    dataset_urls: dict[str, str]
+    submissions_url: str
+    leaderboard_url: str
+
+
+class AssignmentSummary(BaseModel):
+    slug: str
+    title: str
+    timezone: str
+    phases: list[str]
+
+
+class AssignmentsPublic(BaseModel):
+    data: list[AssignmentSummary]
+
+
+class AssignmentPublic(BaseModel):
+    slug: str
+    title: str
+    description: str
+    timezone: str
+    phases: list[PhasePublic]
+
+
+class QuotaPublic(BaseModel):
+    used_today: int
+    max_per_day: int | None
+    used_total: int
+    max_total: int | None
+    resets_at: datetime
+
+
+class SubmissionPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    assignment: str
+    phase: str
+    status: str
+    username: str | None = None
+    file_name: str
+    file_sha256: str
+    file_size: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    queue_position: int | None = None
+    progress: dict[str, Any] | None = None
+    score: float | None
+    results: dict[str, Any] | None
+    error_message: str | None
+    error_log: str | None = None
+    evaluator_version: str | None
+    attempts: int
+
+
+class SubmissionsPublic(BaseModel):
+    data: list[SubmissionPublic]
+    count: int
+
+
+class LeaderboardEntry(BaseModel):
+    rank: int
+    pseudonym: str
+    username: str | None = None
+    score: float
+    submission_id: str | None = None
+    submissions: int
+    best_submitted_at: datetime
+    last_submitted_at: datetime
+    is_you: bool = False
+
+
+class LeaderboardPublic(BaseModel):
+    assignment: str
+    phase: str
+    metric: str
+    selection: str
+    entries: list[LeaderboardEntry]
+
+
+class UserPublic(BaseModel):
+    username: str
+    role: str
+    pseudonym: str
+
+
+class ComponentHealth(BaseModel):
+    ok: bool
+    detail: str | None = None
+
+
+class WorkerPublic(BaseModel):
+    hostname: str
+    queues: str
+    last_seen_at: datetime
+
+
+class HealthPublic(BaseModel):
+    status: str
+    database: ComponentHealth
+    broker: ComponentHealth
+    workers: list[WorkerPublic]
+    queued: int
+    running: int

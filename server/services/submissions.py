@@ -1,0 +1,224 @@
+"""Accepting attack batches (validate, store, commit, enqueue) and reading submissions back."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from datetime import datetime, time, timedelta
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from graders.batch_formats import BatchLimits, read_batch
+from graders.threat_model import check_threat_model
+from server.artifacts import load_verified_eval_set
+from server.assignments import AssignmentSpec, PhaseSpec
+from server.config import Settings
+from server.db import utcnow
+from server.errors import NotFound, PhaseClosed, QuotaExceeded
+from server.models import Submission, SubmissionStatus, User
+from server.queue import enqueue
+from server.schemas import QuotaPublic, SubmissionPublic
+from server.storage import StoredUpload
+
+log = logging.getLogger(__name__)
+
+CHARGED = (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING, SubmissionStatus.SCORED)
+
+
+def _local(moment: datetime, assignment: AssignmentSpec) -> str:
+    return moment.astimezone(assignment.zone).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def quota(
+    *,
+    session: Session,
+    user: User,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+    now: datetime | None = None,
+) -> QuotaPublic:
+    """What ``user`` has used of the phase's limits; the day ends at midnight course time."""
+    now = now or utcnow()
+    local_now = now.astimezone(assignment.zone)
+    day_start = datetime.combine(local_now.date(), time(), tzinfo=assignment.zone)
+    charged = (
+        select(func.count())
+        .select_from(Submission)
+        .where(
+            Submission.user_id == user.id,
+            Submission.assignment_slug == assignment.slug,
+            Submission.phase_id == phase.id,
+            Submission.status.in_(CHARGED),
+        )
+    )
+    return QuotaPublic(
+        used_today=session.scalar(charged.where(Submission.created_at >= day_start)) or 0,
+        max_per_day=phase.limits.max_per_day,
+        used_total=session.scalar(charged) or 0,
+        max_total=phase.limits.max_total,
+        resets_at=day_start + timedelta(days=1),
+    )
+
+
+def _check_window_and_quota(
+    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec, now: datetime
+) -> None:
+    if not phase.is_open(now):
+        raise PhaseClosed(
+            f"Phase {phase.id!r} accepts submissions from {_local(phase.opens_at, assignment)} "
+            f"to {_local(phase.due_at, assignment)}; it is closed now.",
+            {"opens_at": phase.opens_at.isoformat(), "due_at": phase.due_at.isoformat()},
+        )
+    used = quota(session=session, user=user, assignment=assignment, phase=phase, now=now)
+    if used.max_total is not None and used.used_total >= used.max_total:
+        raise QuotaExceeded(
+            f"You have used all {used.max_total} submissions of phase {phase.id!r}. "
+            "Failed and cancelled submissions are not counted.",
+            used.model_dump(mode="json"),
+        )
+    if used.max_per_day is not None and used.used_today >= used.max_per_day:
+        raise QuotaExceeded(
+            f"You have used today's {used.max_per_day} submissions of phase {phase.id!r}; "
+            f"the count resets at {_local(used.resets_at, assignment)}.",
+            used.model_dump(mode="json"),
+        )
+
+
+def validate_batch(*, settings: Settings, phase: PhaseSpec, upload: StoredUpload) -> np.ndarray:
+    """Parse the upload and check the threat model against the clean images; raise if invalid."""
+    eval_set = load_verified_eval_set(settings.data_path, phase.evaluation_set)
+    batch = read_batch(
+        upload.path,
+        upload.file_name,
+        expected_names=eval_set.names,
+        limits=BatchLimits.for_batch(len(eval_set)),
+    )
+    check_threat_model(eval_set.images, batch, phase.threat_model.to_threat_model(), eval_set.names)
+    return batch
+
+
+def create_submission(
+    *,
+    session: Session,
+    settings: Settings,
+    user: User,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+    upload: StoredUpload,
+) -> Submission:
+    """Accept a batch: nothing is stored or charged unless every check passes.
+
+    The row is committed before the task is sent (a worker never sees an uncommitted row); if the
+    broker is unreachable the submission stays queued and is sent later.
+    """
+    try:
+        _check_window_and_quota(session, user, assignment, phase, utcnow())
+        batch = validate_batch(settings=settings, phase=phase, upload=upload)
+        submission_id = uuid.uuid4().hex
+        directory = settings.upload_path / assignment.slug / phase.id
+        directory.mkdir(parents=True, exist_ok=True)
+        batch_path = directory / f"{submission_id}.npy"
+        np.save(batch_path, batch, allow_pickle=False)
+        suffix = "".join(c for c in upload.file_name.rsplit(".", 1)[-1][:8] if c.isalnum())
+        shutil.move(upload.path, directory / f"{submission_id}.original.{suffix or 'bin'}")
+    finally:
+        upload.path.unlink(missing_ok=True)
+    submission = Submission(
+        id=submission_id,
+        user_id=user.id,
+        assignment_slug=assignment.slug,
+        phase_id=phase.id,
+        status=SubmissionStatus.QUEUED,
+        file_name=upload.file_name[:255],
+        file_sha256=upload.sha256,
+        file_size=upload.size,
+        batch_path=str(batch_path),
+    )
+    session.add(submission)
+    try:
+        session.commit()
+    except Exception:
+        batch_path.unlink(missing_ok=True)
+        raise
+    enqueue(session, settings, submission.id)
+    session.refresh(submission)
+    return submission
+
+
+def get_visible_submission(*, session: Session, user: User, submission_id: str) -> Submission:
+    """A submission the user may read: their own, or any for staff (404 otherwise, not 403)."""
+    submission = session.get(Submission, submission_id)
+    if submission is None or (submission.user_id != user.id and not user.role.is_staff):
+        raise NotFound(f"No submission {submission_id!r} among yours.")
+    return submission
+
+
+def list_submissions(
+    *,
+    session: Session,
+    user: User,
+    assignment: str | None = None,
+    phase: str | None = None,
+    status: SubmissionStatus | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[Submission], int]:
+    """The user's submissions (all of them for staff), newest first."""
+    query = select(Submission)
+    if not user.role.is_staff:
+        query = query.where(Submission.user_id == user.id)
+    if assignment:
+        query = query.where(Submission.assignment_slug == assignment)
+    if phase:
+        query = query.where(Submission.phase_id == phase)
+    if status:
+        query = query.where(Submission.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Submission.created_at.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(rows), total
+
+
+def queue_position(session: Session, submission: Submission) -> int | None:
+    """1 for the next submission to be scored; ``None`` once it left the queue."""
+    if submission.status is not SubmissionStatus.QUEUED:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Submission)
+        .where(
+            Submission.status == SubmissionStatus.QUEUED,
+            Submission.created_at < submission.created_at,
+        )
+    )
+    return int(ahead or 0) + 1
+
+
+def to_public(session: Session, submission: Submission, *, viewer: User) -> SubmissionPublic:
+    """The API view of a submission; staff also see the owner and the grader log."""
+    staff = viewer.role.is_staff
+    return SubmissionPublic(
+        id=submission.id,
+        assignment=submission.assignment_slug,
+        phase=submission.phase_id,
+        status=submission.status.value,
+        username=submission.user.username if staff else None,
+        file_name=submission.file_name,
+        file_sha256=submission.file_sha256,
+        file_size=submission.file_size,
+        created_at=submission.created_at,
+        started_at=submission.started_at,
+        finished_at=submission.finished_at,
+        queue_position=queue_position(session, submission),
+        progress=submission.progress,
+        score=submission.score,
+        results=submission.results,
+        error_message=submission.error_message,
+        error_log=submission.error_log if staff else None,
+        evaluator_version=submission.evaluator_version,
+        attempts=submission.attempts,
+    )

@@ -1,0 +1,100 @@
+"""Assignment specs: validation errors name the file, field and reason; times become UTC."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from server.assignments import SpecError, load_assignment, load_assignments
+from tests.conftest import Artifacts, spec_toml, write_spec
+
+
+def test_valid_spec_loads_with_local_times_converted_to_utc(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    text = spec_toml(artifacts).replace("opens_at = ", "opens_at = 2026-09-01T09:00:00\n#", 1)
+    write_spec(tmp_path, text)
+    spec = load_assignment(tmp_path / "course")
+    phase = spec.phases[0]
+    assert phase.opens_at == datetime(2026, 9, 1, 13, 0, tzinfo=UTC)  # 09:00 EDT
+    assert phase.hidden_models[1].preprocessing is not None
+    assert spec.folder == (tmp_path / "course").resolve()
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        (("eps = 8", "eps = -1"), "phases.0.threat_model.eps", "greater than 0"),
+        (('norm = "linf"', 'norm = "l7"'), "phases.0.threat_model.norm", "linf"),
+        (('track = "attack"', 'track = "quiz"'), "phases.0.track", "attack"),
+        (('timezone = "America/New_York"', 'timezone = "Mars/Olympus"'), "timezone", "IANA"),
+        (
+            ('architecture = "resnet20"', 'architecture = "resnet9000"'),
+            "phases.0.hidden_models.0.architecture",
+            "resnet20",
+        ),
+        (
+            ("quality = 75", "quality = 0"),
+            "phases.0.hidden_models.1.preprocessing.quality",
+            "greater than or equal to 1",
+        ),
+        (('file = "eval.npz"', 'file = "../etc/passwd"'), "phases.0.evaluation_set.file", ".."),
+    ],
+)
+def test_invalid_field_is_reported_with_file_field_and_reason(
+    tmp_path: Path, artifacts: Artifacts, change: tuple[str, str], field: str, reason: str
+) -> None:
+    text = spec_toml(artifacts)
+    assert change[0] in text
+    path = write_spec(tmp_path, text.replace(change[0], change[1], 1))
+    with pytest.raises(SpecError) as error:
+        load_assignment(path.parent)
+    message = str(error.value)
+    assert str(path) in message and field in message and reason in message
+
+
+def test_due_before_open_and_duplicate_models_are_rejected(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    early = datetime(2026, 1, 1, tzinfo=UTC)
+    path = write_spec(tmp_path, spec_toml(artifacts, opens_at=early, due_at=early))
+    with pytest.raises(SpecError, match="due_at must be after opens_at"):
+        load_assignment(path.parent)
+    path = write_spec(tmp_path, spec_toml(artifacts).replace('"net-b"', '"net-a"'))
+    with pytest.raises(SpecError, match="unique"):
+        load_assignment(path.parent)
+
+
+def test_yaml_spec_and_broken_toml(tmp_path: Path, artifacts: Artifacts) -> None:
+    folder = tmp_path / "yaml-course"
+    folder.mkdir()
+    (folder / "assignment.yaml").write_text(
+        f"""
+title: YAML course
+phases:
+  - id: attack
+    title: Attack
+    track: attack
+    opens_at: 2026-01-01T00:00:00Z
+    due_at: 2026-02-01T00:00:00Z
+    evaluation_set: {{file: eval.npz, sha256: "{artifacts.eval_sha}"}}
+    hidden_models:
+      - name: net-a
+        architecture: resnet20
+        weights: {{file: net-a.safetensors, sha256: "{artifacts.weights["net-a"]}"}}
+"""
+    )
+    assert load_assignments(tmp_path)["yaml-course"].phases[0].threat_model.eps == 8
+    broken = write_spec(tmp_path, "title = \n")
+    with pytest.raises(SpecError, match=r"assignment\.toml: not valid TOML"):
+        load_assignment(broken.parent)
+
+
+def test_shipped_example_spec_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "assignments" / "examples"
+    folders = [p for p in example.iterdir() if p.is_dir()]
+    assert folders, "assignments/examples must hold at least one example"
+    for folder in folders:
+        assert load_assignment(folder).phases

@@ -1,0 +1,86 @@
+"""Celery tasks (thin wrappers around worker.scoring) and the worker heartbeat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import torch
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from sqlalchemy import delete
+from sqlalchemy.dialects import postgresql, sqlite
+
+from server.config import get_settings
+from server.db import forget_engines, session_factory_for, utcnow
+from server.models import WorkerHeartbeat
+from worker.celery_app import CPU_QUEUE, SCORE_TASK, celery_app
+from worker.scoring import Outcome, run_scoring
+
+log = logging.getLogger(__name__)
+_stop = threading.Event()
+
+
+@celery_app.task(name=SCORE_TASK, bind=True)
+def score_submission(self: Any, submission_id: str) -> str:
+    """Score one submission by id; safe to run twice (the row's state decides)."""
+    settings = get_settings()
+    outcome: Outcome = run_scoring(
+        submission_id,
+        settings=settings,
+        session_factory=session_factory_for(settings.db_url),
+        worker_name=str(self.request.hostname or "worker"),
+    )
+    return outcome.value
+
+
+def _beat(hostname: str) -> None:
+    settings = get_settings()
+    factory = session_factory_for(settings.db_url)
+    values = {"hostname": hostname, "queues": CPU_QUEUE, "pid": os.getpid()}
+    while True:
+        try:
+            with factory() as session:
+                dialect = session.get_bind().dialect.name
+                insert = (postgresql if dialect == "postgresql" else sqlite).insert
+                now = utcnow()
+                statement = insert(WorkerHeartbeat).values(
+                    **values, started_at=now, last_seen_at=now
+                )
+                session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=["hostname"], set_={"last_seen_at": now, "pid": os.getpid()}
+                    )
+                )
+                session.commit()
+        except Exception:  # the database may be restarting; try again next beat
+            log.warning("worker heartbeat failed", exc_info=True)
+        if _stop.wait(settings.worker_heartbeat_s):
+            return
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    hostname = str(getattr(sender, "hostname", None) or f"worker@{os.getpid()}")
+    threading.Thread(target=_beat, args=(hostname,), name="heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(sender: Any = None, **_: Any) -> None:
+    _stop.set()
+    hostname = getattr(sender, "hostname", None)
+    if hostname:
+        settings = get_settings()
+        with session_factory_for(settings.db_url)() as session:
+            session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.hostname == hostname))
+            session.commit()
+
+
+@worker_process_init.connect
+def _init_process(**_: Any) -> None:
+    """A forked pool process: own database connections, and the configured torch threads."""
+    forget_engines()
+    threads = get_settings().torch_threads
+    if threads:
+        torch.set_num_threads(threads)
