@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+from server.assignments import SpecError, load_assignments
 from server.config import Settings
 from server.db import session_factory_for
 from server.migrations import upgrade
@@ -162,10 +164,35 @@ class Supervisor:
         return 0
 
 
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def up(settings: Settings, *, worker: bool = True) -> int:
     """Migrate the database and run the API (and a worker) until Ctrl-C."""
+    try:
+        specs = load_assignments(settings.assignments_dir)
+    except SpecError as exc:
+        print(
+            f"autograder: invalid assignment spec, fix it and start again:\n{exc}", file=sys.stderr
+        )
+        return 1
+    if not _port_is_free(settings.host, settings.port):
+        print(
+            f"autograder: {settings.host}:{settings.port} is already in use (another "
+            "autograder?); stop it or choose another port with AUTOGRADER_PORT=...",
+            file=sys.stderr,
+        )
+        return 1
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
+    print(f"autograder: {len(specs)} assignment(s) from {settings.assignments_dir}", flush=True)
     children = [Child("api", api_command(settings))]
     if worker:
         children.append(Child("worker", worker_command(settings)))

@@ -48,7 +48,7 @@ def _build(spec: HiddenModelSpec, assignment: AssignmentSpec, data_dir: Path) ->
         pre = spec.preprocessing
         module = Defended(build_preprocessing(pre.kind, **pre.params), module)
         label = f"{pre.kind.value}({', '.join(f'{k}={v}' for k, v in pre.params.items())})"
-    module = module.to(default_device(), memory_format=torch.channels_last).eval()
+    module = module.to(default_device()).to(memory_format=torch.channels_last).eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return HiddenModel(

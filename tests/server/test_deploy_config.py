@@ -42,7 +42,10 @@ APP_SERVICES = ("migrate", "api", "worker", "worker-gpu")
 LONG_RUNNING_APP_SERVICES = ("api", "worker", "worker-gpu")
 WORKER_SERVICES = ("worker", "worker-gpu")
 REQUIRED_SETTINGS = (
-    "DATABASE_URL", "CELERY_BROKER_URL", "AUTOGRADER_SECRET_KEY", "AUTOGRADER_ENVIRONMENT"
+    "DATABASE_URL",
+    "CELERY_BROKER_URL",
+    "AUTOGRADER_SECRET_KEY",
+    "AUTOGRADER_ENVIRONMENT",
 )
 SAMPLE_SECRET = "s3cret-" + "x" * 41
 # Host variables the operator exports; any other `${VAR:?...}` resolves to "sample-<var>".
@@ -130,8 +133,10 @@ def environment(service: Mapping[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
         return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in env.items()}
+    return {
+        str(k): "" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+        for k, v in env.items()
+    }
 
 
 def argv(value: str | list[str] | None) -> list[str]:
@@ -506,14 +511,16 @@ def test_dockerfile_installs_the_package_with_the_lock(
     instructions: list[tuple[str, str]],
 ) -> None:
     installs = [
-        (i, shlex.split(args)) for i, (k, args) in enumerate(instructions)
+        (i, shlex.split(args))
+        for i, (k, args) in enumerate(instructions)
         if k == "RUN" and "pip install" in args
     ]
     assert len(installs) == 1, installs
     index, tokens = installs[0]
-    assert option(tokens, "-c") == "requirements.lock" or option(
-        tokens, "--constraint"
-    ) == "requirements.lock"
+    assert (
+        option(tokens, "-c") == "requirements.lock"
+        or option(tokens, "--constraint") == "requirements.lock"
+    )
     assert "." in tokens, "install the project itself"
     assert not {"-e", "--editable"} & set(tokens), "the image installs the package, not editable"
     copied_before = {
@@ -578,7 +585,8 @@ def test_dockerignore_keeps_local_state_out_and_sources_in(
     instructions: list[tuple[str, str]],
 ) -> None:
     patterns = [
-        line.strip() for line in DOCKERIGNORE.read_text().splitlines()
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert {".venv", ".git", ".autograder", "tests/artifacts"} <= set(patterns)
@@ -633,4 +641,4 @@ def test_expected_commands_per_service(
         assert worker.func is cli.cmd_worker, name
     api = effective_command(resolved["api"], instructions)
     supervised = api_command(Settings())
-    assert api[:3] == supervised[supervised.index("uvicorn"):][:3]  # uvicorn <app> --factory
+    assert api[:3] == supervised[supervised.index("uvicorn") :][:3]  # uvicorn <app> --factory
