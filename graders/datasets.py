@@ -175,19 +175,21 @@ def load_eval_set(path: Path) -> EvalSet:
     path = Path(path)
     keys = ("images", "labels", "class_names", "synthetic", "source")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in keys if key not in data.files]
-            if missing:
-                raise ValueError(f"eval set {path} lacks the arrays {missing}")
-            arrays = {key: data[key] for key in keys}
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"eval set {path} is not a readable .npz file: {exc}") from exc
-    except ValueError as exc:
-        if str(path) in str(exc):
-            raise
-        raise ValueError(f"eval set {path} cannot be loaded without pickle: {exc}") from exc
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"eval set {path} is not a pickle-free .npz file: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"eval set {path} holds a single array, not an .npz archive")
+    try:
+        with loaded:
+            arrays = {key: loaded[key] for key in keys if key in loaded.files}
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ValueError(f"eval set {path} cannot be read without pickle: {exc}") from exc
+    missing = [key for key in keys if key not in arrays]
+    if missing:
+        raise ValueError(f"eval set {path} lacks the arrays {missing}")
 
     class_names, synthetic, source = (
         arrays["class_names"],
@@ -283,7 +285,7 @@ def _field(batch: dict[Any, Any], key: str) -> Any:
 
 
 def _resolve_cifar10_folder(root: Path) -> Path | None:
-    """The ``cifar-10-batches-py`` folder at or directly under ``root``, if either looks like one."""
+    """The ``cifar-10-batches-py`` folder at or directly under ``root``, if one looks right."""
     root = Path(root)
     for folder in (root / CIFAR10_FOLDER, root):
         if folder.is_dir() and any(

@@ -53,7 +53,7 @@ HIDDEN_MODELS = (  # name, training seed, preprocessing in TOML
 class DemoOptions:
     """How much the demo trains; tests shrink these, `make demo` uses the defaults."""
 
-    train_per_class: int = 400
+    train_per_class: int = 200
     epochs: int = 6
     eval_images: int = 500
     seconds_per_model: float = 25.0

@@ -955,7 +955,9 @@ def test_zip_made_from_the_extracted_clean_download_is_accepted(tmp_path: Path) 
     with path.open("wb") as handle:
         write_png_zip(eval_set, handle)
     batch = read_batch(
-        path, "clean.zip", expected_names=eval_set.names,
+        path,
+        "clean.zip",
+        expected_names=eval_set.names,
         limits=BatchLimits.for_batch(len(eval_set)),
     )
     np.testing.assert_array_equal(batch, images)
