@@ -20,6 +20,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Large batches on a GPU; on a CPU 100 keeps activations in cache (ResNet-20, 2 cores:
+    0.18 s per 500 images at batch 100 against 0.29 s at batch 500, docs/benchmarks.md)."""
+    return 500 if device.type == "cuda" else 100
+
+
 @dataclass(frozen=True)
 class HiddenModel:
     """A hidden model ready to score: an eval-mode module taking [0, 1] NCHW input."""
@@ -60,11 +66,12 @@ def predict(
     model: nn.Module,
     images: np.ndarray,
     *,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     device: torch.device | None = None,
 ) -> np.ndarray:
     """Predicted labels of ``model`` on uint8 N x 32 x 32 x 3 images, in eval mode, batched."""
     device = device or default_device()
+    batch_size = batch_size or default_batch_size(device)
     was_training = model.training
     model.eval()
     predictions = []
@@ -88,7 +95,7 @@ def score_attack_batch(
     threat_model: ThreatModel,
     *,
     clean_predictions: Mapping[str, np.ndarray],
-    batch_size: int = 500,
+    batch_size: int | None = None,
     device: torch.device | None = None,
 ) -> AttackReport:
     """Score a validated batch: each model's accuracy on it, and how many images fool k models.
