@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,13 @@ def test_second_demo_build_reuses_the_course_and_keeps_the_tokens(tmp_path: Path
     home.mkdir()
     env = clean_environment({"AUTOGRADER_PORT": str(free_port())})
 
-    started = time.monotonic()
     first = build_demo(home, env)
-    first_s = time.monotonic() - started
     assert "reusing" not in first.stdout, first.stdout
     credentials = (home / "demo-credentials.json").read_bytes()
     built = artifacts(home)
     assert any(p.suffix == ".safetensors" for p in built), sorted(built)
 
-    started = time.monotonic()
     second = build_demo(home, env)  # fails the test on a non-zero exit
-    second_s = time.monotonic() - started
     assert "reusing" in second.stdout, second.stdout
-    assert second_s < first_s / 2, f"first build {first_s:.1f} s, second {second_s:.1f} s"
     assert (home / "demo-credentials.json").read_bytes() == credentials
     assert artifacts(home) == built, "the second run rebuilt artifacts it should have reused"

@@ -148,7 +148,6 @@ def test_accuracy_matches_argmax_and_restores_the_mode() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_resnet20_reaches_90_percent_with_the_demo_recipe() -> None:
     train_x, train_y = make_synthetic(200, seed=1)
     test_x, test_y = make_synthetic(50, seed=2)
