@@ -109,13 +109,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _service_env(home: Path, port: int, torch_threads: int | None) -> dict[str, str]:
+def _service_env(home: Path, port: int, settings: dict[str, str]) -> dict[str, str]:
+    """The service's environment: only the benchmark's home, port and ``--setting`` values."""
     env = {
         k: v for k, v in os.environ.items()
         if not k.startswith("AUTOGRADER_") and k not in FOREIGN_ENV
     }
-    if torch_threads is not None:
-        env["AUTOGRADER_TORCH_THREADS"] = str(torch_threads)
+    env.update({f"AUTOGRADER_{name.upper()}": value for name, value in settings.items()})
     env.update(
         AUTOGRADER_HOME=str(home),
         AUTOGRADER_ASSIGNMENTS_DIR=str(home / "assignments"),
@@ -343,7 +343,7 @@ def summarize(samples: list[Sample]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def machine(torch_threads: int | None) -> dict[str, Any]:
+def machine(settings: dict[str, str]) -> dict[str, Any]:
     import torch
 
     cpu = "unknown"
@@ -364,8 +364,7 @@ def machine(torch_threads: int | None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_num_threads_default": torch.get_num_threads(),
-        "worker_torch_threads": torch_threads or torch.get_num_threads(),
-        "torch_threads_setting": torch_threads,
+        "worker_torch_threads": int(settings.get("torch_threads") or torch.get_num_threads()),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
@@ -411,7 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     home = Path(args.home or tempfile.mkdtemp(prefix="autograder-bench-")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    env = _service_env(home, port, args.torch_threads)
+    env = _service_env(home, port, args.setting)
     try:
         credentials = build_home(home, env)
         base = f"http://127.0.0.1:{port}/api/v1"
@@ -499,8 +498,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "warmup": args.warmup, "poll_interval_s": args.poll_interval,
             "demo_training": " ".join(DEMO_TRAINING), "batch": "uint8 .npy, uniform noise eps 8",
             "home": str(home) if not temporary or args.keep else None,
+            "service_settings": args.setting,
         },
-        "machine": machine(args.torch_threads),
+        "machine": machine(args.setting),
         "load_average_before": list(load_before),
         "load_average_after": list(load_after),
         "cpu_seconds_timed_loop": {"wall_s": loop_s, **cpu},
@@ -516,6 +516,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (a Settings field), got {text!r}")
+    return name.lower(), value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submissions", type=int, default=30, help="timed submissions")
@@ -525,12 +532,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
     parser.add_argument("--poll-interval", type=float, default=0.025,
                         help="seconds between status polls (default 0.025)")
-    parser.add_argument("--torch-threads", type=int,
-                        help="set AUTOGRADER_TORCH_THREADS for the worker (default: torch's own)")
+    parser.add_argument("--setting", type=_setting, action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="a service setting, e.g. torch_threads=1 or "
+                             "broker_polling_interval_s=0.02 (default: the service's own)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
-    if args.submissions < 1 or args.warmup < 0 or (args.torch_threads or 1) < 1:
-        parser.error("--submissions and --torch-threads must be at least 1, --warmup at least 0")
+    args.setting = dict(args.setting)
+    if args.submissions < 1 or args.warmup < 0:
+        parser.error("--submissions must be at least 1 and --warmup at least 0")
     try:
         report = run(args)
     except BenchError as exc:
