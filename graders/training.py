@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graders.attack_scoring import predict
 from graders.datasets import images_to_tensor
 
 MOMENTUM = 0.9
@@ -177,17 +178,5 @@ def accuracy(
     _check_data(images, labels)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    correct = 0
-    try:
-        with torch.inference_mode():
-            for first in range(0, len(images), batch_size):
-                batch = images_to_tensor(images[first : first + batch_size]).to(device)
-                batch = batch.contiguous(memory_format=torch.channels_last)
-                predicted = model(batch).argmax(1).cpu().numpy()
-                correct += int((predicted == labels[first : first + batch_size]).sum())
-    finally:
-        model.train(was_training)
-    return correct / len(images)
+    predictions = predict(model, images, batch_size=batch_size, device=_model_device(model))
+    return float((predictions == labels).mean())
