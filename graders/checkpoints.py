@@ -95,16 +95,17 @@ def _as_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
     )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, suffix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors in a ``.safetensors`` or ``.pt``/``.pth``/``.bin`` file, on the CPU.
 
     Torch files are read with ``weights_only=True`` only, so a file holding pickled code is
     refused rather than run. Accepted content: a dict of name -> tensor, or a dict whose single
     ``"state_dict"`` or ``"model"`` entry is one (other entries such as ``epoch`` are ignored).
     Anything else, an unknown extension or a file that fails to parse raises ``ArtifactError``.
+    ``suffix`` overrides the file's own (for uploads stored under a temporary name).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
+    suffix = (suffix or path.suffix).lower()
     if suffix not in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES):
         accepted = ", ".join((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES))
         raise ArtifactError(f"{path.name}: unknown weight file type {suffix!r}; use {accepted}")
