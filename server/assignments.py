@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from graders.architectures import Architecture
+from graders.defense_scoring import DefenseEvalConfig
 from graders.preprocessing import PreprocessingKind
 from graders.threat_model import Norm, ThreatModel
 
@@ -37,13 +38,23 @@ class SpecError(ValueError):
 
 
 class Track(StrEnum):
+    """``attack``: students upload perturbed images, scored on hidden models (lower wins).
+    ``defense``: students upload a checkpoint, scored by robust accuracy (higher wins)."""
+
     ATTACK = "attack"
+    DEFENSE = "defense"
 
 
 class Metric(StrEnum):
-    """How an attack batch is scored: the mean over hidden models of their accuracy (lower wins)."""
+    """How a submission is scored: for attacks, the mean over hidden models of their accuracy on
+    the batch (lower wins); for defenses, robust accuracy under the phase's suite (higher wins)."""
 
     MEAN_ACCURACY = "mean_accuracy"
+    ROBUST_ACCURACY = "robust_accuracy"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self is Metric.ROBUST_ACCURACY
 
 
 class _Spec(BaseModel):
@@ -120,6 +131,21 @@ class LimitsSpec(_Spec):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+class DefenseSpec(DefenseEvalConfig):
+    """The ``[phases.defense]`` table: what students may upload and how it is evaluated."""
+
+    allowed_architectures: list[Architecture] = Field(min_length=1)
+    max_checkpoint_mb: float = Field(default=200.0, gt=0, le=4096)
+    transfer_from: list[Slug] = Field(
+        default_factory=list,
+        description="attack phases of this assignment whose scored batches also attack defenses",
+    )
+
+    @property
+    def max_checkpoint_bytes(self) -> int:
+        return int(self.max_checkpoint_mb * 1024 * 1024)
+
+
 class PhaseSpec(_Spec):
     id: Slug
     title: str = Field(min_length=1)
@@ -129,8 +155,9 @@ class PhaseSpec(_Spec):
     due_at: datetime
     threat_model: ThreatModelSpec = ThreatModelSpec()
     evaluation_set: ArtifactRef
-    hidden_models: list[HiddenModelSpec] = Field(min_length=1)
-    metric: Metric = Metric.MEAN_ACCURACY
+    hidden_models: list[HiddenModelSpec] = Field(default_factory=list)
+    defense: DefenseSpec | None = None
+    metric: Metric | None = None
     limits: LimitsSpec = LimitsSpec()
 
     @model_validator(mode="after")
@@ -140,7 +167,31 @@ class PhaseSpec(_Spec):
             raise ValueError(f"hidden model names must be unique, got {names}")
         if self.opens_at.tzinfo is not None and self.due_at <= self.opens_at:
             raise ValueError("due_at must be after opens_at")
+        if self.track is Track.ATTACK:
+            if not self.hidden_models:
+                raise ValueError("an attack phase needs at least one [[phases.hidden_models]]")
+            if self.defense is not None:
+                raise ValueError("a [phases.defense] table belongs to defense phases only")
+            expected = Metric.MEAN_ACCURACY
+        else:
+            if self.defense is None:
+                raise ValueError(
+                    "a defense phase needs a [phases.defense] table with at least "
+                    "`allowed_architectures`"
+                )
+            if self.hidden_models:
+                raise ValueError("a defense phase has no hidden models (students upload them)")
+            expected = Metric.ROBUST_ACCURACY
+        if self.metric is None:
+            object.__setattr__(self, "metric", expected)
+        elif self.metric is not expected:
+            raise ValueError(f"a {self.track.value} phase is scored by {expected.value!r}")
         return self
+
+    @property
+    def scoring_metric(self) -> Metric:
+        """The metric, always set after validation."""
+        return self.metric or Metric.MEAN_ACCURACY
 
     def is_open(self, now: datetime) -> bool:
         return self.opens_at <= now < self.due_at
@@ -197,6 +248,15 @@ class AssignmentSpec(_Spec):
         ids = [p.id for p in self.phases]
         if len(set(ids)) != len(ids):
             raise ValueError(f"phase ids must be unique, got {ids}")
+        tracks = {p.id: p.track for p in self.phases}
+        for phase in self.phases:
+            for source in phase.defense.transfer_from if phase.defense else []:
+                if tracks.get(source) is not Track.ATTACK:
+                    raise ValueError(
+                        f"phase {phase.id!r}: transfer_from names {source!r}, which is not an "
+                        f"attack phase of this assignment (attack phases: "
+                        f"{[i for i, t in tracks.items() if t is Track.ATTACK]})"
+                    )
         return self
 
     @property

@@ -179,8 +179,23 @@ def _describe(submission: dict[str, Any]) -> str:
     status = submission["status"]
     if status == "queued" and submission.get("queue_position"):
         return f"queued (position {submission['queue_position']})"
-    if status == "running" and submission.get("progress"):
-        return f"running ({submission['progress'].get('stage', '')})"
+    progress = submission.get("progress") or {}
+    if status == "running" and progress.get("stage") == "attack":
+        return (
+            f"running ({progress['suite']} suite, attack {progress['attack_index']}/"
+            f"{progress['attacks']} {progress['attack']}: "
+            f"{progress['robust_points_left']} points still robust)"
+        )
+    if status == "running" and progress:
+        return f"running ({progress.get('stage', '')})"
+    results = submission.get("results") or {}
+    if status == "scored" and results.get("metric") == "robust_accuracy":
+        flags = ", ".join(f["code"] for f in results.get("flags", [])) or "none"
+        return (
+            f"scored: robust accuracy {submission['score']:.4f} ({results['leaderboard_suite']} "
+            f"suite, higher is better), clean {results['clean_accuracy']:.4f}, final "
+            f"({results['final_suite']}) {results['final_robust_accuracy']:.4f}; flags: {flags}"
+        )
     if status == "scored":
         return f"scored: {submission['score']:.4f} (mean hidden-model accuracy, lower is better)"
     if status == "failed":
@@ -196,7 +211,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 2
     try:
         client = _client()
-        submission = client.submit(args.assignment, args.phase, args.file, report=print_progress)
+        fields = {
+            key: getattr(args, key)
+            for key in ("architecture", "normalization", "mean", "std")
+            if getattr(args, key) is not None
+        }
+        submission = client.submit(
+            args.assignment,
+            args.phase,
+            args.file,
+            fields=fields,
+            manifest=args.manifest,
+            report=print_progress,
+        )
         print(f"submission {submission['id']}: {_describe(submission)}", flush=True)
         if args.wait:
             last = ""
@@ -259,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help=argparse.SUPPRESS)
     p.add_argument("--eval-images", type=int, help=argparse.SUPPRESS)
     p.add_argument("--seconds-per-model", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--defense-iterations", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -308,10 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, nargs="?")
     p.set_defaults(func=cmd_assignments_check)
 
-    p = sub.add_parser("submit", help="upload an attack batch (AUTOGRADER_URL, AUTOGRADER_TOKEN)")
+    p = sub.add_parser(
+        "submit",
+        help="upload an attack batch or a defense checkpoint (AUTOGRADER_URL, AUTOGRADER_TOKEN)",
+    )
     p.add_argument("assignment")
     p.add_argument("phase")
-    p.add_argument("file", type=Path)
+    p.add_argument(
+        "file", type=Path, help="batch (.zip/.npy/.npz) or checkpoint (.safetensors/.pt)"
+    )
+    p.add_argument("--architecture", help="defense phases: the registry architecture")
+    p.add_argument("--normalization", help="defense phases: none or cifar10")
+    p.add_argument("--mean", help="defense phases: input mean R,G,B (instead of --normalization)")
+    p.add_argument("--std", help="defense phases: input std R,G,B (with --mean)")
+    p.add_argument("--manifest", type=Path, help="defense phases: a JSON manifest file instead")
     p.add_argument("--wait", action="store_true", help="poll until scored, failed or cancelled")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait (default 1800)")
     p.add_argument("--json", action="store_true", help="print the final submission as JSON")

@@ -117,15 +117,23 @@ class AutograderClient:
         phase: str,
         path: Path,
         *,
+        fields: dict[str, str] | None = None,
+        manifest: Path | None = None,
         report: Callable[[int, int], None] = lambda sent, total: None,
     ) -> dict[str, Any]:
+        """Upload a batch (attack phases) or a checkpoint with its ``fields`` (architecture,
+        normalization or mean/std) or a JSON ``manifest`` file (defense phases)."""
         with path.open("rb") as handle:
             reader = _ProgressReader(handle, path.stat().st_size, report)
+            files: dict[str, Any] = {"file": (path.name, reader, "application/octet-stream")}
+            if manifest is not None:
+                files["manifest"] = (manifest.name, manifest.read_bytes(), "application/json")
             return dict(
                 self._request(
                     "POST",
                     f"/assignments/{assignment}/phases/{phase}/submissions",
-                    files={"file": (path.name, reader, "application/octet-stream")},
+                    files=files,
+                    data=fields or {},
                 )
             )
 

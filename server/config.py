@@ -48,8 +48,17 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = None
     worker_concurrency: int = Field(default=1, ge=1)
+    worker_queues: str = Field(
+        default="cpu,gpu",
+        pattern=r"^(cpu|gpu)(,(cpu|gpu))?$",
+        description="queues a worker consumes: cpu (attack scoring), gpu (defense evaluation)",
+    )
     broker_polling_interval_s: float = Field(default=0.1, gt=0)
-    max_upload_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
+    max_upload_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        gt=0,
+        description="hard cap on any upload; phases set their own, usually lower, limits",
+    )
     worker_heartbeat_s: float = Field(default=5.0, gt=0)
     worker_stale_after_s: float = Field(default=30.0, gt=0)
     lease_s: float = Field(default=60.0, gt=0)

@@ -1,4 +1,5 @@
-"""The demo course: an evaluation set, three trained hidden models, a spec and four accounts.
+"""The demo course: an evaluation set, three trained hidden models, a baseline defense checkpoint
+for students to upload, a spec with an attack and a defense phase, and four accounts.
 
 CIFAR-10 is used when found on disk; otherwise a procedural 10-class data set is generated and
 labelled synthetic everywhere it is shown. A second run reuses what the first one built.
@@ -40,6 +41,10 @@ from server.security import create_user, issue_token, user_for_token
 
 DEMO_SLUG = "demo"
 ATTACK_PHASE = "attack"
+DEFENSE_PHASE = "defense"
+BASELINE_SEED = 4
+BASELINE_FILE = "demo-baseline-defense.safetensors"
+BASELINE_MANIFEST = "demo-baseline-defense.json"
 TA_USERNAME = "ta"
 STUDENT_USERNAMES = ("alice", "bob", "carol")
 HIDDEN_MODELS = (  # name, training seed, preprocessing in TOML
@@ -57,6 +62,8 @@ class DemoOptions:
     epochs: int = 6
     eval_images: int = 500
     seconds_per_model: float = 25.0
+    defense_iterations: int = 100
+    """APGD and FAB iterations of the defense phase's suites (AutoAttack standard: 100)."""
 
 
 def _log(message: str) -> None:
@@ -99,7 +106,12 @@ def _training_and_eval_data(
     return train_x, train_y, eval_set
 
 
-def _spec_text(eval_sha: str, models: list[tuple[str, str, str | None]], synthetic: bool) -> str:
+def _spec_text(
+    eval_sha: str,
+    models: list[tuple[str, str, str | None]],
+    synthetic: bool,
+    defense_iterations: int,
+) -> str:
     now = datetime.now(UTC).replace(microsecond=0, second=0)
     opens, due = now - timedelta(days=1), now + timedelta(days=90)
     data = "synthetic images (not CIFAR-10)" if synthetic else "CIFAR-10 test images"
@@ -131,6 +143,35 @@ def _spec_text(eval_sha: str, models: list[tuple[str, str, str | None]], synthet
         ]
         if preprocessing:
             lines.append(f"preprocessing = {preprocessing}")
+    lines += [
+        "",
+        "[[phases]]",
+        f'id = "{DEFENSE_PHASE}"',
+        'title = "Phase 2: a robust classifier"',
+        'track = "defense"',
+        'description = "Upload a ResNet-20 checkpoint (safetensors or a PyTorch state_dict). '
+        "Score: robust accuracy under L-inf 8 (0-255 scale), measured on hidden points by the "
+        'quick suite for the leaderboard and by the full suite for the final grade."',
+        f"opens_at = {opens.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        f"due_at = {due.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+        'threat_model = { norm = "linf", eps = 8 }',
+        f'evaluation_set = {{ file = "demo/eval-set.npz", sha256 = "{eval_sha}" }}',
+        "limits = { max_per_day = 20, max_total = 100 }",
+        "",
+        "[phases.defense]",
+        'allowed_architectures = ["resnet20", "resnet56"]',
+        "max_checkpoint_mb = 50",
+        'leaderboard_suite = "quick"',
+        'final_suite = "full"',
+        "min_clean_accuracy = 0.5",
+        "eps_sweep = [2, 4, 16, 64]",
+        "sweep_points = 100",
+        "sweep_iterations = 10",
+        f'transfer_from = ["{ATTACK_PHASE}"]',
+        "# On a CPU the full suite's Square budget dominates; a GPU course keeps the defaults.",
+        f"params = {{ apgd_iterations = {defense_iterations}, "
+        f"fab_iterations = {defense_iterations}, square_queries = 1000 }}",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -146,6 +187,8 @@ def demo_is_built(settings: Settings) -> bool:
         return False
     refs = [p.evaluation_set for p in spec.phases]
     refs += [m.weights for p in spec.phases for m in p.hidden_models]
+    if not (settings.home / BASELINE_FILE).is_file():
+        return False
     try:
         for ref in refs:
             path = artifact_path(settings.data_path, ref)
@@ -154,6 +197,33 @@ def demo_is_built(settings: Settings) -> bool:
     except ArtifactError:
         return False
     return True
+
+
+def _train_resnet20(
+    name: str,
+    seed: int,
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    eval_set: EvalSet,
+    options: DemoOptions,
+    path: Path,
+) -> None:
+    torch.manual_seed(seed)
+    model = build_model(Architecture.RESNET20)
+    report = train_classifier(
+        model,
+        train_x,
+        train_y,
+        epochs=options.epochs,
+        seed=seed,
+        time_budget_s=options.seconds_per_model,
+    )
+    held_out = accuracy(model, eval_set.images, eval_set.labels)
+    _log(
+        f"trained {name}: {report.epochs_run} epochs in {report.seconds:.1f} s, "
+        f"clean accuracy on the evaluation set {held_out:.1%}"
+    )
+    write_safetensors(model, path)
 
 
 def build_artifacts(settings: Settings, options: DemoOptions) -> None:
@@ -165,28 +235,31 @@ def build_artifacts(settings: Settings, options: DemoOptions) -> None:
     save_eval_set(eval_set, out / "eval-set.npz")
     models = []
     for name, seed, preprocessing in HIDDEN_MODELS:
-        torch.manual_seed(seed)
-        model = build_model(Architecture.RESNET20)
-        report = train_classifier(
-            model,
-            train_x,
-            train_y,
-            epochs=options.epochs,
-            seed=seed,
-            time_budget_s=options.seconds_per_model,
-        )
-        held_out = accuracy(model, eval_set.images, eval_set.labels)
-        _log(
-            f"trained {name}: {report.epochs_run} epochs in {report.seconds:.1f} s, "
-            f"clean accuracy on the evaluation set {held_out:.1%}"
-        )
         path = out / f"{name}.safetensors"
-        write_safetensors(model, path)
+        _train_resnet20(name, seed, train_x, train_y, eval_set, options, path)
         models.append((name, sha256_file(path), preprocessing))
+    # The baseline defense is public: a student's starting point, not a hidden artifact.
+    _train_resnet20(
+        "the baseline defense",
+        BASELINE_SEED,
+        train_x,
+        train_y,
+        eval_set,
+        options,
+        settings.home / BASELINE_FILE,
+    )
+    manifest = {"architecture": Architecture.RESNET20.value, "normalization": "cifar10"}
+    (settings.home / BASELINE_MANIFEST).write_text(json.dumps(manifest) + "\n", encoding="utf-8")
     spec_path = _spec_path(settings)
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(
-        _spec_text(sha256_file(out / "eval-set.npz"), models, eval_set.synthetic), encoding="utf-8"
+        _spec_text(
+            sha256_file(out / "eval-set.npz"),
+            models,
+            eval_set.synthetic,
+            options.defense_iterations,
+        ),
+        encoding="utf-8",
     )
     load_assignment(spec_path.parent)  # the spec we wrote must validate
     _log(f"artifacts built in {time.perf_counter() - started:.0f} s")
@@ -227,6 +300,11 @@ def ensure_accounts(settings: Settings, credentials_path: Path) -> dict[str, Any
         "students": students,
         "assignment": DEMO_SLUG,
         "attack_phase": ATTACK_PHASE,
+        "defense_phase": DEFENSE_PHASE,
+        "baseline_defense": {
+            "checkpoint": str(settings.home / BASELINE_FILE),
+            "manifest": str(settings.home / BASELINE_MANIFEST),
+        },
     }
     credentials_path.parent.mkdir(parents=True, exist_ok=True)
     credentials_path.write_text(json.dumps(credentials, indent=2) + "\n", encoding="utf-8")

@@ -1,4 +1,4 @@
-"""ORM tables: users, API tokens, submissions and worker heartbeats."""
+"""ORM tables: users, API tokens, submissions, transfer results and worker heartbeats."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -112,6 +112,10 @@ class Submission(Base):
     file_sha256: Mapped[str] = mapped_column(String(64))
     file_size: Mapped[int] = mapped_column(Integer)
     batch_path: Mapped[str] = mapped_column(String(512))
+    """The stored, validated upload the worker reads: an .npy batch or a .safetensors model."""
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    """Defense uploads: architecture and input normalization."""
+    queue: Mapped[str] = mapped_column(String(16), default="cpu", server_default="cpu")
     task_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     score: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -128,6 +132,24 @@ class Submission(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     user: Mapped[User] = relationship()
+
+
+class TransferResult(Base):
+    """Accuracy of one scored defense on one scored attack batch (the transfer matrix)."""
+
+    __tablename__ = "transfer_result"
+    __table_args__ = (UniqueConstraint("defense_submission_id", "attack_submission_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    defense_submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submission.id", ondelete="CASCADE"), index=True
+    )
+    attack_submission_id: Mapped[str] = mapped_column(
+        ForeignKey("submission.id", ondelete="CASCADE"), index=True
+    )
+    accuracy: Mapped[float] = mapped_column(Float)
+    n_points: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class WorkerHeartbeat(Base):

@@ -15,14 +15,14 @@ from server.models import Submission, SubmissionStatus
 log = logging.getLogger(__name__)
 
 
-def send_scoring_task(settings: Settings, submission_id: str) -> str:
-    """Publish the scoring message; raises if the broker cannot be reached."""
-    from worker.celery_app import CPU_QUEUE, SCORE_TASK, celery_for
+def send_scoring_task(settings: Settings, submission_id: str, queue: str) -> str:
+    """Publish the scoring message to ``queue``; raises if the broker cannot be reached."""
+    from worker.celery_app import SCORE_TASK, celery_for
 
     result = celery_for(settings).send_task(
         SCORE_TASK,
         args=[submission_id],
-        queue=CPU_QUEUE,
+        queue=queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
     )
@@ -35,8 +35,9 @@ def enqueue(session: Session, settings: Settings, submission_id: str) -> bool:
     If the broker is down the submission stays queued without a task id and is sent by
     :func:`enqueue_pending` later; nothing is lost.
     """
+    queue = session.scalar(select(Submission.queue).where(Submission.id == submission_id))
     try:
-        task_id = send_scoring_task(settings, submission_id)
+        task_id = send_scoring_task(settings, submission_id, queue or "cpu")
     except Exception:
         log.warning("broker unreachable; submission %s stays queued", submission_id, exc_info=True)
         return False

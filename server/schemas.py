@@ -20,6 +20,19 @@ class LimitsPublic(BaseModel):
     max_upload_bytes: int
 
 
+class DefensePublic(BaseModel):
+    """What a defense phase accepts and how it evaluates uploads."""
+
+    allowed_architectures: list[str]
+    normalizations: list[str]
+    max_checkpoint_bytes: int
+    checkpoint_formats: list[str]
+    leaderboard_suite: str
+    final_suite: str
+    suites: dict[str, list[str]]
+    transfer_from: list[str]
+
+
 class PhasePublic(BaseModel):
     id: str
     title: str
@@ -35,6 +48,7 @@ class PhasePublic(BaseModel):
     metric: str
     metric_description: str
     limits: LimitsPublic
+    defense: DefensePublic | None = None
     dataset_urls: dict[str, str]
     submissions_url: str
     leaderboard_url: str
@@ -78,6 +92,7 @@ class SubmissionPublic(BaseModel):
     file_name: str
     file_sha256: str
     file_size: int
+    manifest: dict[str, Any] | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -140,3 +155,25 @@ class HealthPublic(BaseModel):
     workers: list[WorkerPublic]
     queued: int
     running: int
+
+
+class TransferCell(BaseModel):
+    attack_submission_id: str | None
+    attack_phase: str
+    attacker: str
+    accuracy: float
+    n_points: int
+
+
+class TransferRow(BaseModel):
+    defense_submission_id: str | None
+    defender: str
+    robust_accuracy: float | None
+    cells: list[TransferCell]
+
+
+class TransferMatrixPublic(BaseModel):
+    assignment: str
+    phase: str
+    description: str
+    rows: list[TransferRow]

@@ -65,7 +65,7 @@ def worker_command(settings: Settings, name: str = "cpu") -> list[str]:
         "worker.celery_app",
         "worker",
         "--queues",
-        "cpu",
+        settings.worker_queues,
         "--concurrency",
         str(settings.worker_concurrency),
         "--pool",

@@ -25,6 +25,7 @@ from server.security import create_user, issue_token
 
 SLUG = "course"
 PHASE = "attack"
+DEFENSE_PHASE = "defense"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,13 @@ def spec_toml(
     max_total: int = 20,
     timezone: str = "America/New_York",
     jpeg_on: str | None = "net-b",
+    defense: str | None = None,
 ) -> str:
-    """A valid spec for the tiny course; keyword arguments change one rule at a time."""
+    """A valid spec for the tiny course; keyword arguments change one rule at a time.
+
+    ``defense`` adds a defense phase with those extra lines in its ``[phases.defense]`` table
+    (``""`` for none): tiny attack budgets, transfer from the attack phase.
+    """
     now = datetime.now(UTC)
     opens_at = opens_at or now - timedelta(days=1)
     due_at = due_at or now + timedelta(days=1)
@@ -88,6 +94,27 @@ def spec_toml(
         ]
         if name == jpeg_on:
             lines.append('preprocessing = { kind = "jpeg", quality = 75 }')
+    if defense is not None:
+        lines += [
+            "[[phases]]",
+            f'id = "{DEFENSE_PHASE}"',
+            'title = "Defense"',
+            'track = "defense"',
+            f"opens_at = {opens_at.isoformat()}",
+            f"due_at = {due_at.isoformat()}",
+            'threat_model = { norm = "linf", eps = 8 }',
+            f'evaluation_set = {{ file = "eval.npz", sha256 = "{artifacts.eval_sha}" }}',
+            f"limits = {{ max_per_day = {max_per_day}, max_total = {max_total} }}",
+            "[phases.defense]",
+            'allowed_architectures = ["resnet20"]',
+            "max_checkpoint_mb = 4",
+            'leaderboard_suite = "quick"',
+            'final_suite = "full"',
+            f'transfer_from = ["{PHASE}"]',
+            "params = { apgd_iterations = 3, pgd_steps = 2, pgd_restarts = 1, n_targets = 2, "
+            "fab_iterations = 3, square_queries = 10 }",
+            defense,
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,13 @@ from kombu import Queue
 from server.config import Settings, get_settings
 
 SCORE_TASK = "worker.tasks.score_submission"
+TRANSFER_TASK = "worker.tasks.transfer_attack"
 CPU_QUEUE = "cpu"
+"""Attack-phase scoring: forward passes only, fine on CPU workers."""
+GPU_QUEUE = "gpu"
+"""Defense evaluation and transfer: attack suites, for workers with a GPU (or any worker that
+is told to consume it, as the embedded default's is)."""
+QUEUES = (CPU_QUEUE, GPU_QUEUE)
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -33,8 +39,8 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=CPU_QUEUE,
-        task_queues=(Queue(CPU_QUEUE),),
-        task_routes={SCORE_TASK: {"queue": CPU_QUEUE}},
+        task_queues=tuple(Queue(name) for name in QUEUES),
+        task_routes={SCORE_TASK: {"queue": CPU_QUEUE}, TRANSFER_TASK: {"queue": GPU_QUEUE}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         worker_send_task_events=False,

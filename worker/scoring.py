@@ -22,10 +22,11 @@ from graders.attack_scoring import score_attack_batch
 from graders.errors import ArtifactError, GraderError
 from graders.version import EVALUATOR_VERSION
 from server.artifacts import load_verified_eval_set
-from server.assignments import AssignmentSpec, PhaseSpec, load_assignment
+from server.assignments import AssignmentSpec, PhaseSpec, Track, load_assignment
 from server.config import Settings
 from server.db import utcnow
 from server.models import Submission, SubmissionStatus
+from worker.defense import defense_phases_fed_by, grade_defense, transfer_new_batch
 from worker.models import clean_predictions, hidden_model
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def _claim(session: Session, submission_id: str, token: str, lease: timedelta) -
             attempts=Submission.attempts + 1,
             worker=token,
             lease_expires_at=now + lease,
-            progress={"stage": "loading hidden models"},
+            progress={"stage": "loading"},
         )
         .execution_options(synchronize_session=False)
     )
@@ -146,6 +147,30 @@ def _grade(
     session: Session, settings: Settings, submission_id: str, token: str, claim: _Claim
 ) -> dict[str, Any]:
     assignment, phase = _phase(settings, claim.assignment_slug, claim.phase_id)
+    if phase.track is Track.DEFENSE:
+        submission = session.get(Submission, submission_id)
+        if submission is None:
+            raise GraderError(f"submission {submission_id} disappeared")
+        return grade_defense(
+            session=session,
+            settings=settings,
+            assignment=assignment,
+            phase=phase,
+            submission=submission,
+            report_progress=lambda state: _set_progress(session, submission_id, token, state),
+        )
+    return _grade_attack(session, settings, submission_id, token, claim, assignment, phase)
+
+
+def _grade_attack(
+    session: Session,
+    settings: Settings,
+    submission_id: str,
+    token: str,
+    claim: _Claim,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+) -> dict[str, Any]:
     eval_set = load_verified_eval_set(settings.data_path, phase.evaluation_set)
     models, clean = [], {}
     for spec in phase.hidden_models:
@@ -230,4 +255,34 @@ def run_scoring(
             results=results,
             evaluator_version=results["evaluator_version"],
         )
+        if recorded:
+            _request_transfer(settings, claim, submission_id)
         return Outcome.SCORED if recorded else Outcome.SKIPPED
+
+
+def _request_transfer(settings: Settings, claim: _Claim, submission_id: str) -> None:
+    """A newly scored attack batch joins the transfer matrix of the defense phases it feeds."""
+    try:
+        assignment, phase = _phase(settings, claim.assignment_slug, claim.phase_id)
+        if phase.track is not Track.ATTACK or not defense_phases_fed_by(assignment, phase.id):
+            return
+        from worker.celery_app import GPU_QUEUE, TRANSFER_TASK, celery_for
+
+        celery_for(settings).send_task(TRANSFER_TASK, args=[submission_id], queue=GPU_QUEUE)
+    except Exception:  # the score is recorded; the matrix catches up with the next defense
+        log.warning("could not request transfer scoring of %s", submission_id, exc_info=True)
+
+
+def run_transfer(
+    submission_id: str, *, settings: Settings, session_factory: sessionmaker[Session]
+) -> int:
+    """Score the attack batch ``submission_id`` against the latest defenses it may attack;
+    cells already in the matrix are skipped, so a second delivery adds nothing."""
+    with session_factory() as session:
+        attack = session.get(Submission, submission_id)
+        if attack is None or attack.status is not SubmissionStatus.SCORED:
+            return 0
+        assignment, _ = _phase(settings, attack.assignment_slug, attack.phase_id)
+        return transfer_new_batch(
+            session=session, settings=settings, assignment=assignment, attack=attack
+        )

@@ -15,8 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from server.config import get_settings
 from server.db import forget_engines, session_factory_for, utcnow
 from server.models import WorkerHeartbeat
-from worker.celery_app import CPU_QUEUE, SCORE_TASK, celery_app
-from worker.scoring import Outcome, run_scoring
+from worker.celery_app import SCORE_TASK, TRANSFER_TASK, celery_app
+from worker.scoring import Outcome, run_scoring, run_transfer
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -35,10 +35,19 @@ def score_submission(self: Any, submission_id: str) -> str:
     return outcome.value
 
 
+@celery_app.task(name=TRANSFER_TASK)
+def transfer_attack(submission_id: str) -> int:
+    """Add a scored attack batch to the transfer matrices it feeds; safe to run twice."""
+    settings = get_settings()
+    return run_transfer(
+        submission_id, settings=settings, session_factory=session_factory_for(settings.db_url)
+    )
+
+
 def _beat(hostname: str) -> None:
     settings = get_settings()
     factory = session_factory_for(settings.db_url)
-    values = {"hostname": hostname, "queues": CPU_QUEUE, "pid": os.getpid()}
+    values = {"hostname": hostname, "queues": settings.worker_queues, "pid": os.getpid()}
     while True:
         try:
             with factory() as session:

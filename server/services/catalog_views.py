@@ -5,20 +5,52 @@ from __future__ import annotations
 import io
 import threading
 
+from graders.attacks.suite import build_suite
 from graders.datasets import write_npz_download, write_png_zip
+from graders.defense_models import NormalizationName
 from graders.errors import ArtifactError
 from server.artifacts import load_verified_eval_set
-from server.assignments import AssignmentSpec, PhaseSpec
+from server.assignments import AssignmentSpec, PhaseSpec, Track
 from server.config import Settings
 from server.db import utcnow
-from server.schemas import AssignmentPublic, LimitsPublic, PhasePublic, ThreatModelPublic
+from server.schemas import (
+    AssignmentPublic,
+    DefensePublic,
+    LimitsPublic,
+    PhasePublic,
+    ThreatModelPublic,
+)
+from server.services.submissions import upload_limit
 
 _downloads: dict[tuple[str, str], bytes] = {}
 _lock = threading.Lock()
 
 METRIC_DESCRIPTIONS = {
     "mean_accuracy": "mean accuracy of the hidden models on your images; lower is better",
+    "robust_accuracy": (
+        "accuracy of your model on hidden points under the phase's attack suite, each point's "
+        "worst case over the attacks; higher is better"
+    ),
 }
+
+
+def _defense_public(phase: PhaseSpec, settings: Settings) -> DefensePublic | None:
+    defense = phase.defense
+    if defense is None:
+        return None
+    return DefensePublic(
+        allowed_architectures=[a.value for a in defense.allowed_architectures],
+        normalizations=[n.value for n in NormalizationName] + ["mean=r,g,b;std=r,g,b"],
+        max_checkpoint_bytes=upload_limit(settings=settings, phase=phase),
+        checkpoint_formats=[".safetensors", ".pt", ".pth"],
+        leaderboard_suite=defense.leaderboard_suite.value,
+        final_suite=defense.final_suite.value,
+        suites={
+            kind.value: [a.name.value for a in build_suite(kind, defense.params)]
+            for kind in {defense.leaderboard_suite, defense.final_suite}
+        },
+        transfer_from=list(defense.transfer_from),
+    )
 
 
 def dataset_bytes(*, settings: Settings, phase: PhaseSpec, fmt: str) -> bytes:
@@ -64,14 +96,19 @@ def assignment_public(
                 n_images=n_images,
                 synthetic_images=synthetic,
                 hidden_model_count=len(phase.hidden_models),
-                metric=phase.metric.value,
-                metric_description=METRIC_DESCRIPTIONS[phase.metric.value],
+                metric=phase.scoring_metric.value,
+                metric_description=METRIC_DESCRIPTIONS[phase.scoring_metric.value],
                 limits=LimitsPublic(
                     max_per_day=phase.limits.max_per_day,
                     max_total=phase.limits.max_total,
-                    max_upload_bytes=min(phase.limits.max_upload_bytes, settings.max_upload_bytes),
+                    max_upload_bytes=upload_limit(settings=settings, phase=phase),
                 ),
-                dataset_urls={fmt: f"{prefix}/dataset?format={fmt}" for fmt in ("zip", "npz")},
+                defense=_defense_public(phase, settings),
+                dataset_urls=(
+                    {fmt: f"{prefix}/dataset?format={fmt}" for fmt in ("zip", "npz")}
+                    if phase.track is Track.ATTACK
+                    else {}
+                ),
                 submissions_url=f"{prefix}/submissions",
                 leaderboard_url=f"{prefix}/leaderboard",
             )

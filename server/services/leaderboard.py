@@ -1,4 +1,5 @@
-"""Phase leaderboards: each student's best scored submission, under a pseudonym."""
+"""Phase leaderboards (each student's best scored submission, under a pseudonym) and the
+defense x attack transfer matrix."""
 
 from __future__ import annotations
 
@@ -8,15 +9,28 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from server.assignments import AssignmentSpec, PhaseSpec
-from server.models import Submission, SubmissionStatus, User
-from server.schemas import LeaderboardEntry, LeaderboardPublic
-
-SELECTION = (
-    "Best scored submission per student: the lowest mean accuracy of the hidden models on the "
-    "submitted images (lower is better); ties go to the earlier submission. Only scored "
-    "submissions are ranked."
+from server.assignments import AssignmentSpec, Metric, PhaseSpec
+from server.models import Submission, SubmissionStatus, TransferResult, User
+from server.schemas import (
+    LeaderboardEntry,
+    LeaderboardPublic,
+    TransferCell,
+    TransferMatrixPublic,
+    TransferRow,
 )
+
+SELECTION = {
+    Metric.MEAN_ACCURACY: (
+        "Best scored submission per student: the lowest mean accuracy of the hidden models on "
+        "the submitted images (lower is better); ties go to the earlier submission. Only scored "
+        "submissions are ranked."
+    ),
+    Metric.ROBUST_ACCURACY: (
+        "Best scored submission per student: the highest robust accuracy under the phase's "
+        "leaderboard attack suite (higher is better); ties go to the earlier submission. Only "
+        "scored submissions are ranked."
+    ),
+}
 
 
 @dataclass
@@ -40,6 +54,7 @@ def leaderboard(
         )
         .order_by(Submission.created_at)
     ).all()
+    sign = -1.0 if phase.scoring_metric.higher_is_better else 1.0
     standings: dict[int, _Standing] = {}
     for row in rows:
         if row.score is None:
@@ -50,9 +65,11 @@ def leaderboard(
             continue
         standing.count += 1
         standing.last_at = row.created_at
-        if row.score < (standing.best.score or 0.0):
+        if sign * row.score < sign * (standing.best.score or 0.0):
             standing.best = row
-    ordered = sorted(standings.values(), key=lambda s: (s.best.score or 0.0, s.best.created_at))
+    ordered = sorted(
+        standings.values(), key=lambda s: (sign * (s.best.score or 0.0), s.best.created_at)
+    )
     staff = viewer.role.is_staff
     entries = [
         LeaderboardEntry(
@@ -71,7 +88,64 @@ def leaderboard(
     return LeaderboardPublic(
         assignment=assignment.slug,
         phase=phase.id,
-        metric=phase.metric.value,
-        selection=SELECTION,
+        metric=phase.scoring_metric.value,
+        selection=SELECTION[phase.scoring_metric],
         entries=entries,
+    )
+
+
+TRANSFER_DESCRIPTION = (
+    "Accuracy of each student's latest scored defense (rows) on each student's latest scored "
+    "attack batch of the phases listed in transfer_from (cells); lower means the batch transfers "
+    "better. Cells are added as new submissions are scored."
+)
+
+
+def transfer_matrix(
+    *, session: Session, assignment: AssignmentSpec, phase: PhaseSpec, viewer: User
+) -> TransferMatrixPublic:
+    """The defense x attack matrix of a defense phase. Staff see every row; a student sees the
+    rows of their own defenses, with attackers under their pseudonyms."""
+    defenses = session.scalars(
+        select(Submission)
+        .where(
+            Submission.assignment_slug == assignment.slug,
+            Submission.phase_id == phase.id,
+            Submission.status == SubmissionStatus.SCORED,
+        )
+        .order_by(Submission.created_at)
+    ).all()
+    latest: dict[int, Submission] = {}
+    for row in defenses:
+        latest[row.user_id] = row
+    staff = viewer.role.is_staff
+    rows = []
+    for defense in latest.values():
+        if not staff and defense.user_id != viewer.id:
+            continue
+        cells = session.execute(
+            select(TransferResult, Submission)
+            .join(Submission, Submission.id == TransferResult.attack_submission_id)
+            .where(TransferResult.defense_submission_id == defense.id)
+            .order_by(Submission.phase_id, Submission.created_at)
+        ).all()
+        rows.append(
+            TransferRow(
+                defense_submission_id=defense.id,
+                defender=defense.user.username if staff else defense.user.pseudonym,
+                robust_accuracy=defense.score,
+                cells=[
+                    TransferCell(
+                        attack_submission_id=attack.id if staff else None,
+                        attack_phase=attack.phase_id,
+                        attacker=attack.user.username if staff else attack.user.pseudonym,
+                        accuracy=result.accuracy,
+                        n_points=result.n_points,
+                    )
+                    for result, attack in cells
+                ],
+            )
+        )
+    return TransferMatrixPublic(
+        assignment=assignment.slug, phase=phase.id, description=TRANSFER_DESCRIPTION, rows=rows
     )

@@ -1,4 +1,5 @@
-"""Accepting attack batches (validate, store, commit, enqueue) and reading submissions back."""
+"""Accepting uploads (attack batches and defense checkpoints: validate, store, commit, enqueue)
+and reading submissions back."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from graders.batch_formats import BatchLimits, read_batch
+from graders.checkpoints import write_safetensors
+from graders.defense_models import DefenseManifest, load_defense
 from graders.threat_model import check_threat_model
 from server.artifacts import load_verified_eval_set
-from server.assignments import AssignmentSpec, PhaseSpec
+from server.assignments import AssignmentSpec, PhaseSpec, Track
 from server.config import Settings
 from server.db import utcnow
 from server.errors import NotFound, PhaseClosed, QuotaExceeded
@@ -100,6 +103,16 @@ def validate_batch(*, settings: Settings, phase: PhaseSpec, upload: StoredUpload
     return batch
 
 
+def upload_limit(*, settings: Settings, phase: PhaseSpec) -> int:
+    """The most bytes an upload to ``phase`` may have."""
+    phase_limit = (
+        phase.defense.max_checkpoint_bytes
+        if phase.defense is not None
+        else phase.limits.max_upload_bytes
+    )
+    return min(phase_limit, settings.max_upload_bytes)
+
+
 def create_submission(
     *,
     session: Session,
@@ -108,21 +121,34 @@ def create_submission(
     assignment: AssignmentSpec,
     phase: PhaseSpec,
     upload: StoredUpload,
+    manifest: DefenseManifest | None = None,
 ) -> Submission:
-    """Accept a batch: nothing is stored or charged unless every check passes.
+    """Accept a batch or a checkpoint: nothing is stored or charged unless every check passes.
 
+    A checkpoint is loaded strictly into its declared architecture here, so a wrong one is
+    refused at once; what is stored for the worker is a safetensors copy of the loaded weights.
     The row is committed before the task is sent (a worker never sees an uncommitted row); if the
     broker is unreachable the submission stays queued and is sent later.
     """
     try:
         _check_window_and_quota(session, user, assignment, phase, utcnow())
-        batch = validate_batch(settings=settings, phase=phase, upload=upload)
         submission_id = uuid.uuid4().hex
         directory = settings.upload_path / assignment.slug / phase.id
-        directory.mkdir(parents=True, exist_ok=True)
-        batch_path = directory / f"{submission_id}.npy"
-        np.save(batch_path, batch, allow_pickle=False)
-        suffix = "".join(c for c in upload.file_name.rsplit(".", 1)[-1][:8] if c.isalnum())
+        if phase.track is Track.DEFENSE:
+            if manifest is None:
+                raise ValueError("a defense upload needs its manifest")  # the route parses it
+            model = load_defense(upload.path, manifest, file_name=upload.file_name)
+            directory.mkdir(parents=True, exist_ok=True)
+            stored_path = directory / f"{submission_id}.safetensors"
+            write_safetensors(model, stored_path)
+            queue = "gpu"
+        else:
+            batch = validate_batch(settings=settings, phase=phase, upload=upload)
+            directory.mkdir(parents=True, exist_ok=True)
+            stored_path = directory / f"{submission_id}.npy"
+            np.save(stored_path, batch, allow_pickle=False)
+            queue = "cpu"
+        suffix = "".join(c for c in upload.file_name.rsplit(".", 1)[-1][:12] if c.isalnum())
         shutil.move(upload.path, directory / f"{submission_id}.original.{suffix or 'bin'}")
     finally:
         upload.path.unlink(missing_ok=True)
@@ -135,13 +161,15 @@ def create_submission(
         file_name=upload.file_name[:255],
         file_sha256=upload.sha256,
         file_size=upload.size,
-        batch_path=str(batch_path),
+        batch_path=str(stored_path),
+        manifest=manifest.model_dump(mode="json") if manifest is not None else None,
+        queue=queue,
     )
     session.add(submission)
     try:
         session.commit()
     except Exception:
-        batch_path.unlink(missing_ok=True)
+        stored_path.unlink(missing_ok=True)
         raise
     enqueue(session, settings, submission.id)
     session.refresh(submission)
@@ -192,6 +220,7 @@ def queue_position(session: Session, submission: Submission) -> int | None:
         .select_from(Submission)
         .where(
             Submission.status == SubmissionStatus.QUEUED,
+            Submission.queue == submission.queue,
             Submission.created_at < submission.created_at,
         )
     )
@@ -210,6 +239,7 @@ def to_public(session: Session, submission: Submission, *, viewer: User) -> Subm
         file_name=submission.file_name,
         file_sha256=submission.file_sha256,
         file_size=submission.file_size,
+        manifest=submission.manifest,
         created_at=submission.created_at,
         started_at=submission.started_at,
         finished_at=submission.finished_at,

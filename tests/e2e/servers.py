@@ -40,6 +40,8 @@ SERVICE_STOP_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 40
 
 DEMO_OPTIONS = (
+    "--defense-iterations",
+    "10",
     "--train-per-class",
     "10",
     "--epochs",

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EPS = 8
 ASSIGNMENT, PHASE = "demo", "attack"
 PHASE_URL = f"/api/v1/assignments/{ASSIGNMENT}/phases/{PHASE}"
-SCORE_TIMEOUT_S = 120.0
+SCORE_TIMEOUT_S = 300.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def assert_scored_report(submission: dict[str, Any], n_images: int) -> None:
 # The flow
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
     "deployment",
     [pytest.param(EMBEDDED), pytest.param(PRODUCTION, marks=pytest.mark.production)],
@@ -238,10 +238,41 @@ def test_attack_phase_end_to_end(
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "not_found", response.text
 
+    # carol uploads the demo's baseline defense with its manifest through the CLI; the worker
+    # evaluates it on the gpu queue with both suites and the two attack batches as transfer.
+    baseline = deployment.credentials["baseline_defense"]
+    result = run_autograder(
+        "submit",
+        ASSIGNMENT,
+        "defense",
+        baseline["checkpoint"],
+        "--manifest",
+        baseline["manifest"],
+        "--wait",
+        "--timeout",
+        str(SCORE_TIMEOUT_S),
+        env=deployment.client_env("carol"),
+        cwd=tmp_path,
+        timeout=SCORE_TIMEOUT_S + 30,
+    )
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    match = re.search(r"submission ([0-9a-f]+): scored: robust accuracy", result.stdout)
+    assert match, result.stdout
+    defense = get(deployment, "carol", f"/api/v1/submissions/{match.group(1)}").json()
+    results = defense["results"]
+    assert set(results["suites"]) == {"quick", "full"}, results
+    assert 0.0 <= defense["score"] <= results["clean_accuracy"] <= 1.0
+    assert results["evaluator_version"] == defense["evaluator_version"] == "defense-1.0.0"
+    assert sorted(t["attack_submission_id"] for t in results["transfer"]) == sorted(
+        [alice_id, bob_submission["id"]]
+    )
+    matrix = get(deployment, "ta", "/api/v1/assignments/demo/phases/defense/transfer").json()
+    assert [len(row["cells"]) for row in matrix["rows"]] == [2], matrix
+
     if deployment.postgres is not None:  # the rows really live in PostgreSQL
         with deployment.postgres.connect() as connection:
             row = connection.execute("SELECT count(*) FROM submission").fetchone()
-        assert row is not None and row[0] == 2
+        assert row is not None and row[0] == 3
 
     health = service.health()
     assert health["status"] == "ok" and len(health["workers"]) >= 1, health

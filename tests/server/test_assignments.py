@@ -98,3 +98,63 @@ def test_shipped_example_spec_is_valid() -> None:
     assert folders, "assignments/examples must hold at least one example"
     for folder in folders:
         assert load_assignment(folder).phases
+
+
+def test_defense_phase_loads_with_its_evaluation_config(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    text = spec_toml(artifacts, defense="seed = 7")
+    write_spec(tmp_path, text.replace('final_suite = "full"', 'final_suite = "quick"'))
+    spec = load_assignment(tmp_path / "course")
+    defense = spec.phases[1]
+    assert defense.scoring_metric.value == "robust_accuracy"
+    assert defense.scoring_metric.higher_is_better
+    assert defense.defense is not None
+    assert defense.defense.seed == 7 and defense.defense.suites() == ["quick"]
+    assert defense.defense.params.square_queries == 10
+    assert spec.phases[0].scoring_metric.value == "mean_accuracy"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        (('["resnet20"]', '["resnet9000"]'), "allowed_architectures", "resnet20"),
+        (('["resnet20"]', "[]"), "allowed_architectures", "at least 1"),
+        (('transfer_from = ["attack"]', 'transfer_from = ["defense"]'), "", "not an attack"),
+        (
+            ('leaderboard_suite = "quick"', 'leaderboard_suite = "fast"'),
+            "leaderboard_suite",
+            "full",
+        ),
+        (("square_queries = 10", "square_queries = 0"), "square_queries", "greater than"),
+        (("square_queries = 10", "sqare_queries = 10"), "sqare_queries", "Extra inputs"),
+    ],
+)
+def test_invalid_defense_phase_is_reported_with_field_and_reason(
+    tmp_path: Path, artifacts: Artifacts, change: tuple[str, str], field: str, reason: str
+) -> None:
+    text = spec_toml(artifacts, defense="")
+    assert change[0] in text
+    path = write_spec(tmp_path, text.replace(change[0], change[1], 1))
+    with pytest.raises(SpecError) as error:
+        load_assignment(path.parent)
+    message = str(error.value)
+    assert str(path) in message and field in message and reason in message
+
+
+def test_defense_phase_without_its_table_is_rejected(tmp_path: Path, artifacts: Artifacts) -> None:
+    text = spec_toml(artifacts, defense="").split("[phases.defense]")[0]
+    with pytest.raises(SpecError, match=r"phases\.1: .*needs a \[phases\.defense\] table"):
+        load_assignment(write_spec(tmp_path, text).parent)
+
+
+def test_attack_phase_with_a_defense_table_is_rejected(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    text = spec_toml(artifacts).replace(
+        "[[phases.hidden_models]]",
+        '[phases.defense]\nallowed_architectures = ["resnet20"]\n[[phases.hidden_models]]',
+        1,
+    )
+    with pytest.raises(SpecError, match="defense phases only"):
+        load_assignment(write_spec(tmp_path, text).parent)

@@ -5,11 +5,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response
 
+from graders.defense_models import (
+    MANIFEST_MAX_BYTES,
+    DefenseManifest,
+    parse_manifest,
+    parse_manifest_json,
+)
+from graders.errors import SubmissionRejected
+from server.assignments import PhaseSpec, Track
 from server.deps import AssignmentDep, CatalogDep, CurrentUser, SessionDep, SettingsDep
-from server.errors import UploadTooLarge
+from server.errors import NotFound, UploadTooLarge
 from server.schemas import (
     AssignmentPublic,
     AssignmentsPublic,
@@ -17,9 +25,10 @@ from server.schemas import (
     LeaderboardPublic,
     QuotaPublic,
     SubmissionPublic,
+    TransferMatrixPublic,
 )
 from server.services import catalog_views, submissions
-from server.services.leaderboard import leaderboard
+from server.services.leaderboard import leaderboard, transfer_matrix
 from server.storage import receive_upload
 
 router = APIRouter(prefix="/assignments", tags=["assignments"])
@@ -64,6 +73,11 @@ def download_dataset(
 ) -> Response:
     """The clean images to perturb (a zip of PNGs or an npz); never any hidden artifact."""
     phase = catalog.phase(assignment, phase_id)
+    if phase.track is not Track.ATTACK:
+        raise NotFound(
+            f"Phase {phase.id!r} is a defense phase: its evaluation points are hidden and there "
+            "is nothing to download. Upload a checkpoint instead."
+        )
     content = catalog_views.dataset_bytes(settings=settings, phase=phase, fmt=format.value)
     name = f"{assignment.slug}-{phase.id}-clean.{format.value}"
     media = "application/zip" if format is DatasetFormat.ZIP else "application/octet-stream"
@@ -81,11 +95,26 @@ def submit(
     session: SessionDep,
     user: CurrentUser,
     request: Request,
-    file: Annotated[UploadFile, File(description="zip of PNGs, .npy or .npz (see the README)")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="attack phases: zip of PNGs, .npy or .npz; defense phases: a state_dict "
+            "as .safetensors or .pt/.pth (see docs/submission-formats.md)"
+        ),
+    ],
+    architecture: Annotated[str | None, Form(description="defense: registry name")] = None,
+    normalization: Annotated[str | None, Form(description="defense: none or cifar10")] = None,
+    mean: Annotated[str | None, Form(description="defense: R,G,B input mean")] = None,
+    std: Annotated[str | None, Form(description="defense: R,G,B input std")] = None,
+    manifest: Annotated[
+        UploadFile | None, File(description="defense: JSON manifest instead of the form fields")
+    ] = None,
 ) -> SubmissionPublic:
-    """Upload an attack batch; 202 with the queued submission, or a 4xx naming the problem."""
+    """Upload an attack batch or a defense checkpoint; 202 with the queued submission, or a 4xx
+    naming the problem (nothing is stored or counted then)."""
     phase = catalog.phase(assignment, phase_id)
-    limit = min(phase.limits.max_upload_bytes, settings.max_upload_bytes)
+    parsed = _defense_manifest(phase, architecture, normalization, mean, std, manifest)
+    limit = submissions.upload_limit(settings=settings, phase=phase)
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
         raise UploadTooLarge(
@@ -106,8 +135,44 @@ def submit(
         assignment=assignment,
         phase=phase,
         upload=upload,
+        manifest=parsed,
     )
     return submissions.to_public(session, submission, viewer=user)
+
+
+def _defense_manifest(
+    phase: PhaseSpec,
+    architecture: str | None,
+    normalization: str | None,
+    mean: str | None,
+    std: str | None,
+    manifest: UploadFile | None,
+) -> DefenseManifest | None:
+    """The checked manifest of a defense upload (form fields or a JSON file), before any bytes
+    of the checkpoint are stored; ``None`` for attack phases, which take no such fields."""
+    fields = {"architecture": architecture, "normalization": normalization, "mean": mean}
+    fields["std"] = std
+    given = sorted(k for k, v in fields.items() if v is not None)
+    if phase.defense is None:
+        if given or manifest is not None:
+            raise SubmissionRejected(
+                "unexpected_fields",
+                f"Phase {phase.id!r} is an attack phase; it takes only the `file` field, not "
+                f"{', '.join(given) or 'manifest'}.",
+            )
+        return None
+    allowed = phase.defense.allowed_architectures
+    if manifest is not None:
+        if given:
+            raise SubmissionRejected(
+                "invalid_manifest",
+                "Give the architecture and normalization either as form fields or in the "
+                f"manifest file, not both (form fields given: {', '.join(given)}).",
+            )
+        return parse_manifest_json(manifest.file.read(MANIFEST_MAX_BYTES + 1), allowed=allowed)
+    return parse_manifest(
+        architecture=architecture, normalization=normalization, mean=mean, std=std, allowed=allowed
+    )
 
 
 @router.get("/{slug}/phases/{phase_id}/quota", response_model=QuotaPublic)
@@ -138,3 +203,20 @@ def get_leaderboard(
         phase=catalog.phase(assignment, phase_id),
         viewer=user,
     )
+
+
+@router.get("/{slug}/phases/{phase_id}/transfer", response_model=TransferMatrixPublic)
+def get_transfer_matrix(
+    phase_id: str,
+    assignment: AssignmentDep,
+    catalog: CatalogDep,
+    session: SessionDep,
+    user: CurrentUser,
+) -> TransferMatrixPublic:
+    """Defense x attack transfer matrix of a defense phase (staff: all rows; students: theirs)."""
+    phase = catalog.phase(assignment, phase_id)
+    if phase.defense is None:
+        raise NotFound(
+            f"Phase {phase.id!r} is an attack phase; transfer matrices belong to defense phases."
+        )
+    return transfer_matrix(session=session, assignment=assignment, phase=phase, viewer=user)
