@@ -4,12 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-demo
+.PHONY: demo test lint bench bench-defense clean-demo
 
+# torchattacks is the independent reference the defense suite is checked against
+# (tests/graders/attacks/test_reference.py, bench/defense_suite.py). It goes in with --no-deps:
+# its metadata pins requests~=2.25.1, which conflicts with the lock's idna 3.x, yet it never
+# imports requests, and tqdm only optionally. The one import it needs, scipy, is in the dev extra.
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps torchattacks==3.5.1
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +29,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/attack_phase.py
+
+# CPU-sized counts (about 15 minutes on 2 cores); on a GPU pass AutoAttack's own with
+# `make bench-defense BENCH_DEFENSE_ARGS="--iterations 100 --square-queries 5000"`.
+BENCH_DEFENSE_ARGS ?= --points 200 --iterations 10 --square-queries 200
+bench-defense: $(STAMP)
+	$(BIN)/python bench/defense_suite.py $(BENCH_DEFENSE_ARGS)
 
 clean-demo:
 	rm -rf .autograder

@@ -112,7 +112,8 @@ def _free_port() -> int:
 def _service_env(home: Path, port: int, settings: dict[str, str]) -> dict[str, str]:
     """The service's environment: only the benchmark's home, port and ``--setting`` values."""
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith("AUTOGRADER_") and k not in FOREIGN_ENV
     }
     env.update({f"AUTOGRADER_{name.upper()}": value for name, value in settings.items()})
@@ -128,7 +129,11 @@ def _service_env(home: Path, port: int, settings: dict[str, str]) -> dict[str, s
 def _cli(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "server.cli", *args],
-        env=env, cwd=REPO, capture_output=True, text=True, check=False,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         raise BenchError(f"autograder {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
@@ -140,8 +145,11 @@ def build_home(home: Path, env: dict[str, str]) -> dict[str, Any]:
     started = time.perf_counter()
     output = _cli(env, "demo", "--build-only", "--eval-images", str(EVAL_IMAGES), *DEMO_TRAINING)
     reused = "reusing the demo course" in output
-    print(f"demo course {'reused' if reused else 'built'} in {time.perf_counter() - started:.0f} s"
-          f" ({home})", flush=True)
+    print(
+        f"demo course {'reused' if reused else 'built'} in {time.perf_counter() - started:.0f} s"
+        f" ({home})",
+        flush=True,
+    )
     credentials: dict[str, Any] = json.loads((home / "demo-credentials.json").read_text())
     return credentials
 
@@ -153,8 +161,12 @@ class Service:
         self.log_path = log_path
         self.log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "up"], env=env, cwd=REPO,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "server.cli", "up"],
+            env=env,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def wait_healthy(self, http: httpx.Client, timeout: float = 180.0) -> dict[str, Any]:
@@ -162,8 +174,9 @@ class Service:
         last: Any = None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise BenchError(f"`autograder up` exited with {self.process.returncode}; "
-                                 f"see {self.log_path}")
+                raise BenchError(
+                    f"`autograder up` exited with {self.process.returncode}; see {self.log_path}"
+                )
             try:
                 response = http.get("/health")
                 last = response.json()
@@ -172,8 +185,9 @@ class Service:
             except httpx.HTTPError as exc:
                 last = repr(exc)
             time.sleep(0.5)
-        raise BenchError(f"service not healthy after {timeout:.0f} s (last: {last}); "
-                         f"see {self.log_path}")
+        raise BenchError(
+            f"service not healthy after {timeout:.0f} s (last: {last}); see {self.log_path}"
+        )
 
     def cpu_seconds(self) -> dict[str, float]:
         """User + system CPU seconds so far of the supervisor and its descendants, by role."""
@@ -191,8 +205,15 @@ class Service:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
             seconds = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
-            role = ("api" if b"uvicorn" in cmdline else "worker" if b"celery" in cmdline
-                    else "supervisor" if pid == self.process.pid else "other")
+            role = (
+                "api"
+                if b"uvicorn" in cmdline
+                else "worker"
+                if b"celery" in cmdline
+                else "supervisor"
+                if pid == self.process.pid
+                else "other"
+            )
             totals[role] = totals.get(role, 0.0) + seconds
         return totals
 
@@ -202,8 +223,11 @@ class Service:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"warning: `autograder up` (pid {self.process.pid}) ignored SIGINT for "
-                      f"{timeout:.0f} s; sending SIGTERM", file=sys.stderr)
+                print(
+                    f"warning: `autograder up` (pid {self.process.pid}) ignored SIGINT for "
+                    f"{timeout:.0f} s; sending SIGTERM",
+                    file=sys.stderr,
+                )
                 self.process.terminate()
                 self.process.wait(timeout)
         self.log.close()
@@ -232,8 +256,13 @@ def _others_share(before: tuple[float, float, float], after: tuple[float, float,
 class Students:
     """Student tokens with submissions left today; creates another student when all are spent."""
 
-    def __init__(self, http: httpx.Client, env: dict[str, str], quota_url: str,
-                 students: list[dict[str, str]]) -> None:
+    def __init__(
+        self,
+        http: httpx.Client,
+        env: dict[str, str],
+        quota_url: str,
+        students: list[dict[str, str]],
+    ) -> None:
         self.http, self.env, self.quota_url = http, env, quota_url
         self.pool = [(s["username"], s["token"]) for s in students]
         self.left: dict[str, int] = {}
@@ -242,8 +271,10 @@ class Students:
         response = self.http.get(self.quota_url, headers={"Authorization": f"Bearer {token}"})
         response.raise_for_status()
         q = response.json()
-        left = [q["max_per_day"] - q["used_today"] if q["max_per_day"] is not None else 10**9,
-                q["max_total"] - q["used_total"] if q["max_total"] is not None else 10**9]
+        left = [
+            q["max_per_day"] - q["used_today"] if q["max_per_day"] is not None else 10**9,
+            q["max_total"] - q["used_total"] if q["max_total"] is not None else 10**9,
+        ]
         return max(0, min(left))
 
     def any_token(self) -> str:
@@ -271,14 +302,21 @@ def make_batch(clean: np.ndarray, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def submit_and_wait(http: httpx.Client, url: str, user: tuple[str, str], payload: bytes,
-                    poll_s: float, timeout: float = 300.0) -> Sample:
+def submit_and_wait(
+    http: httpx.Client,
+    url: str,
+    user: tuple[str, str],
+    payload: bytes,
+    poll_s: float,
+    timeout: float = 300.0,
+) -> Sample:
     """POST one batch, poll until it is final, and return its timings."""
     headers = {"Authorization": f"Bearer {user[1]}"}
     request_start = datetime.now(UTC)
     t0 = time.perf_counter()
-    response = http.post(url, headers=headers,
-                         files={"file": ("adv.npy", payload, "application/octet-stream")})
+    response = http.post(
+        url, headers=headers, files={"file": ("adv.npy", payload, "application/octet-stream")}
+    )
     post_s = time.perf_counter() - t0
     if response.status_code != 202:
         raise BenchError(f"submission refused: HTTP {response.status_code} {response.text[:500]}")
@@ -295,14 +333,22 @@ def submit_and_wait(http: httpx.Client, url: str, user: tuple[str, str], payload
     client_s = time.perf_counter() - t0
     seen_at = datetime.now(UTC)
     if submission["status"] != "scored":
-        raise BenchError(f"submission {submission['id']} {submission['status']}: "
-                         f"{submission.get('error_message')}")
+        raise BenchError(
+            f"submission {submission['id']} {submission['status']}: "
+            f"{submission.get('error_message')}"
+        )
     results = submission["results"]
     return Sample(
-        id=submission["id"], user=user[0], request_start=request_start, post_s=post_s,
-        client_s=client_s, polls=polls, created_at=_parse_time(submission["created_at"]),
+        id=submission["id"],
+        user=user[0],
+        request_start=request_start,
+        post_s=post_s,
+        client_s=client_s,
+        polls=polls,
+        created_at=_parse_time(submission["created_at"]),
         started_at=_parse_time(submission["started_at"]),
-        finished_at=_parse_time(submission["finished_at"]), seen_at=seen_at,
+        finished_at=_parse_time(submission["finished_at"]),
+        seen_at=seen_at,
         evaluation_s=float(results["evaluation_seconds"]),
         model_s={m["name"]: float(m["seconds"]) for m in results["models"]},
     )
@@ -315,10 +361,12 @@ def add_enqueued_at(samples: list[Sample], home: Path) -> None:
         return
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as connection:
         marks = ",".join("?" * len(samples))
-        rows = dict(connection.execute(
-            f"SELECT id, enqueued_at FROM submission WHERE id IN ({marks})",
-            [s.id for s in samples],
-        ).fetchall())
+        rows = dict(
+            connection.execute(
+                f"SELECT id, enqueued_at FROM submission WHERE id IN ({marks})",
+                [s.id for s in samples],
+            ).fetchall()
+        )
     for sample in samples:
         if rows.get(sample.id):
             sample.enqueued_at = _parse_time(rows[sample.id])
@@ -399,9 +447,11 @@ def print_table(summary: dict[str, dict[str, float]], n: int) -> None:
         label = f"    {key[6:]} (per-model seconds)"
         print(f"{label:52} {s['p50']:7.3f} {s['p95']:7.3f} {s['max']:7.3f}")
     print("overhead share = 1 - evaluation / latency (p50 of per-submission ratios):")
-    for key, label in (("overhead_share_submit", "POST start -> finished_at"),
-                       ("overhead_share_row", "created_at -> finished_at"),
-                       ("overhead_share_client", "client latency")):
+    for key, label in (
+        ("overhead_share_submit", "POST start -> finished_at"),
+        ("overhead_share_row", "created_at -> finished_at"),
+        ("overhead_share_client", "client latency"),
+    ):
         print(f"  {label:50} {summary[key]['p50']:7.1%}")
 
 
@@ -414,28 +464,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         credentials = build_home(home, env)
         base = f"http://127.0.0.1:{port}/api/v1"
-        phase_url = (f"/assignments/{credentials['assignment']}"
-                     f"/phases/{credentials['attack_phase']}")
+        phase_url = f"/assignments/{credentials['assignment']}/phases/{credentials['attack_phase']}"
         service = Service(env, home / "bench-service.log")
         try:
             with httpx.Client(base_url=base, timeout=120.0) as http:
                 health = service.wait_healthy(http)
-                print(f"service healthy on port {port}: {len(health['workers'])} worker(s)",
-                      flush=True)
+                print(
+                    f"service healthy on port {port}: {len(health['workers'])} worker(s)",
+                    flush=True,
+                )
                 students = Students(http, env, f"{phase_url}/quota", credentials["students"])
-                download = http.get(f"{phase_url}/dataset", params={"format": "npz"},
-                                    headers={"Authorization": f"Bearer {students.any_token()}"})
+                download = http.get(
+                    f"{phase_url}/dataset",
+                    params={"format": "npz"},
+                    headers={"Authorization": f"Bearer {students.any_token()}"},
+                )
                 download.raise_for_status()
                 clean = np.load(io.BytesIO(download.content))["images"]
                 if clean.shape != (EVAL_IMAGES, 32, 32, 3):
-                    raise BenchError(f"{home} holds a demo with {clean.shape[0]} images, not "
-                                     f"{EVAL_IMAGES}; use another --home")
+                    raise BenchError(
+                        f"{home} holds a demo with {clean.shape[0]} images, not "
+                        f"{EVAL_IMAGES}; use another --home"
+                    )
                 submit_url = f"{phase_url}/submissions"
                 load_before = os.getloadavg()
                 warmup = []
                 for i in range(args.warmup):
-                    sample = submit_and_wait(http, submit_url, students.next(),
-                                             make_batch(clean, 10_000 + i), args.poll_interval)
+                    sample = submit_and_wait(
+                        http,
+                        submit_url,
+                        students.next(),
+                        make_batch(clean, 10_000 + i),
+                        args.poll_interval,
+                    )
                     warmup.append(sample)
                     print(f"warm-up {i + 1}/{args.warmup}: {sample.client_s:.3f} s", flush=True)
                 samples = []
@@ -447,9 +508,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     sample = submit_and_wait(http, submit_url, user, payload, args.poll_interval)
                     sample.others_cpu_share = _others_share(marks, _cpu_marks(service))
                     samples.append(sample)
-                    print(f"submission {i + 1}/{args.submissions}: {sample.client_s:.3f} s "
-                          f"(evaluation {sample.evaluation_s:.3f} s, other processes "
-                          f"{sample.others_cpu_share:.0%} of the CPU)", flush=True)
+                    print(
+                        f"submission {i + 1}/{args.submissions}: {sample.client_s:.3f} s "
+                        f"(evaluation {sample.evaluation_s:.3f} s, other processes "
+                        f"{sample.others_cpu_share:.0%} of the CPU)",
+                        flush=True,
+                    )
                 loop_s = time.perf_counter() - loop_started
                 cpu_after, client_after = service.cpu_seconds(), time.process_time()
                 load_after = os.getloadavg()
@@ -468,35 +532,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet = [s for s in samples if (s.others_cpu_share or 0.0) < QUIET_SHARE]
     quiet_summary = summarize(quiet) if quiet else {}
     targets: dict[str, dict[str, Any]] = {
-        "p50_client_s": {"target": TARGET_P50_S, "value": summary["client"]["p50"],
-                         "met": summary["client"]["p50"] < TARGET_P50_S},
-        "overhead_share": {"target": TARGET_OVERHEAD,
-                           "value": summary["overhead_share_submit"]["p50"],
-                           "basis": "p50 of 1 - evaluation_seconds / (finished_at - POST start)",
-                           "met": summary["overhead_share_submit"]["p50"] < TARGET_OVERHEAD},
+        "p50_client_s": {
+            "target": TARGET_P50_S,
+            "value": summary["client"]["p50"],
+            "met": summary["client"]["p50"] < TARGET_P50_S,
+        },
+        "overhead_share": {
+            "target": TARGET_OVERHEAD,
+            "value": summary["overhead_share_submit"]["p50"],
+            "basis": "p50 of 1 - evaluation_seconds / (finished_at - POST start)",
+            "met": summary["overhead_share_submit"]["p50"] < TARGET_OVERHEAD,
+        },
     }
     print_table(summary, len(samples))
-    print(f"CPU seconds over the {loop_s:.1f} s timed loop: "
-          + ", ".join(f"{role} {seconds:.1f}" for role, seconds in sorted(cpu.items())))
-    print(f"other processes used {summary['others_cpu_share']['p50']:.0%} of the CPU (p50); "
-          f"{len(quiet)} submissions ran while they used < {QUIET_SHARE:.0%}", end="")
+    print(
+        f"CPU seconds over the {loop_s:.1f} s timed loop: "
+        + ", ".join(f"{role} {seconds:.1f}" for role, seconds in sorted(cpu.items()))
+    )
+    print(
+        f"other processes used {summary['others_cpu_share']['p50']:.0%} of the CPU (p50); "
+        f"{len(quiet)} submissions ran while they used < {QUIET_SHARE:.0%}",
+        end="",
+    )
     if quiet:
-        print(f": client p50 {quiet_summary['client']['p50']:.3f} s, "
-              f"p95 {quiet_summary['client']['p95']:.3f} s, overhead share "
-              f"{quiet_summary['overhead_share_submit']['p50']:.1%}")
+        print(
+            f": client p50 {quiet_summary['client']['p50']:.3f} s, "
+            f"p95 {quiet_summary['client']['p95']:.3f} s, overhead share "
+            f"{quiet_summary['overhead_share_submit']['p50']:.1%}"
+        )
     else:
         print()
     for name, t in targets.items():
-        print(f"target {name} < {t['target']}: {'met' if t['met'] else 'NOT met'} "
-              f"({t['value']:.3f})")
+        print(
+            f"target {name} < {t['target']}: {'met' if t['met'] else 'NOT met'} ({t['value']:.3f})"
+        )
     return {
         "benchmark": "attack_phase",
         "recorded_at": datetime.now(UTC).isoformat(),
         "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "setup": {
-            "eval_images": EVAL_IMAGES, "hidden_models": 3, "submissions": args.submissions,
-            "warmup": args.warmup, "poll_interval_s": args.poll_interval,
-            "demo_training": " ".join(DEMO_TRAINING), "batch": "uint8 .npy, uniform noise eps 8",
+            "eval_images": EVAL_IMAGES,
+            "hidden_models": 3,
+            "submissions": args.submissions,
+            "warmup": args.warmup,
+            "poll_interval_s": args.poll_interval,
+            "demo_training": " ".join(DEMO_TRAINING),
+            "batch": "uint8 .npy, uniform noise eps 8",
             "home": str(home) if not temporary or args.keep else None,
             "service_settings": args.setting,
         },
@@ -506,8 +587,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_seconds_timed_loop": {"wall_s": loop_s, **cpu},
         "targets": targets,
         "summary_s": summary,
-        "quiet": {"others_cpu_share_below": QUIET_SHARE, "count": len(quiet),
-                  "summary_s": quiet_summary},
+        "quiet": {
+            "others_cpu_share_below": QUIET_SHARE,
+            "count": len(quiet),
+            "summary_s": quiet_summary,
+        },
         "warmup_s": [s.derived for s in warmup],
         "samples": [
             {**{k: v for k, v in asdict(s).items() if k != "derived"}, "derived": s.derived}
@@ -527,15 +611,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submissions", type=int, default=30, help="timed submissions")
     parser.add_argument("--warmup", type=int, default=3, help="untimed submissions first")
-    parser.add_argument("--home", type=Path,
-                        help="demo home to build or reuse (default: a temporary one)")
+    parser.add_argument(
+        "--home", type=Path, help="demo home to build or reuse (default: a temporary one)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument("--poll-interval", type=float, default=0.025,
-                        help="seconds between status polls (default 0.025)")
-    parser.add_argument("--setting", type=_setting, action="append", default=[],
-                        metavar="NAME=VALUE",
-                        help="a service setting, e.g. torch_threads=1 or "
-                             "broker_polling_interval_s=0.02 (default: the service's own)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.025,
+        help="seconds between status polls (default 0.025)",
+    )
+    parser.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting, e.g. torch_threads=1 or "
+        "broker_polling_interval_s=0.02 (default: the service's own)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     args.setting = dict(args.setting)

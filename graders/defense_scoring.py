@@ -67,7 +67,12 @@ class DefenseEvalConfig(BaseModel):
     params: SuiteParams = SuiteParams()
     seed: int = Field(default=0, ge=0)
     batch_size: int | None = Field(default=None, ge=1, le=100_000)
-    bf16: bool = Field(default=True, description="bf16 autocast for attack steps, CUDA only")
+    bf16: bool = Field(default=True, description="bf16 autocast for attack steps on CUDA")
+    cpu_bf16: bool = Field(
+        default=False,
+        description="bf16 autocast for attack steps on a CPU too (worth it only on CPUs with "
+        "native bf16, e.g. AVX512-BF16 or AMX; every break is still verified in fp32)",
+    )
     min_clean_accuracy: float | None = Field(default=None, ge=0, le=1)
     randomized: RandomizedPolicy = RandomizedPolicy.EOT
     eps_sweep: list[float] = Field(
@@ -136,7 +141,7 @@ def evaluate_defense(
     started = time.perf_counter()
     device = device or default_device()
     batch_size = config.batch_size or default_attack_batch_size(device)
-    bf16 = config.bf16 and device.type == "cuda"
+    bf16 = config.bf16 if device.type == "cuda" else config.cpu_bf16
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)

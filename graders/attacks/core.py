@@ -214,8 +214,9 @@ def margin(y: Tensor) -> LossFn:
 class TargetModel:
     """An eval-mode model as attacks see it: fp32 logits, input gradients, and a cost count.
 
-    With ``bf16`` (CUDA only) the forward pass of attack steps runs under bf16 autocast while the
-    logits are cast back to fp32 before any loss; :meth:`verify_logits` is always plain fp32.
+    With ``bf16`` the forward pass of attack steps runs under bf16 autocast (on the input's
+    device: CUDA, or a CPU with native bf16) while the logits are cast back to fp32 before any
+    loss; :meth:`verify_logits` is always plain fp32.
     ``eot_samples`` > 1 averages gradients over that many forward passes (Expectation over
     Transformation) for randomized defenses. ``forwards`` and ``backwards`` count images.
     """
@@ -232,8 +233,8 @@ class TargetModel:
 
     def _forward(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        if self.bf16 and x.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.bf16:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 out = self.module(x)
         else:
             out = self.module(x)

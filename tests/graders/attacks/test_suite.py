@@ -178,3 +178,18 @@ def test_randomized_model_is_evaluated_with_eot_or_flagged(
     else:
         assert list(report.suites) == ["quick", "full"]
         assert codes.count(FlagCode.NONDETERMINISTIC) == 2  # seen, and left for review
+
+
+def test_bf16_attack_steps_still_count_only_fp32_verified_breaks(
+    sturdy: nn.Module, sturdy_points: Points
+) -> None:
+    x, y = sturdy_points.x, sturdy_points.y
+    fp32 = run_suite(sturdy, x, y, LINF8, SuiteKind.QUICK, SMALL, seed=0, batch_size=16).report
+    run = run_suite(sturdy, x, y, LINF8, SuiteKind.QUICK, SMALL, seed=0, batch_size=16, bf16=True)
+    assert run.report.bf16
+    broken = torch.tensor([b not in (None, "clean") for b in run.report.broken_by])
+    with torch.no_grad():
+        assert bool((sturdy(run.x_adv[broken]).argmax(1) != y[broken]).all())
+    assert bool(LINF8.contains(run.x_adv, x).all())
+    # Lower-precision gradients may find a little less or more; not a different picture.
+    assert abs(run.report.robust_accuracy - fp32.robust_accuracy) <= 0.1
