@@ -7,7 +7,7 @@ import tomllib
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -121,10 +121,56 @@ class ThreatModelSpec(_Spec):
         return ThreatModel(norm=self.norm, eps=self.eps)
 
 
+class TimeLimits(NamedTuple):
+    """How long scoring one submission may take. At ``soft_s`` the grader is interrupted and the
+    submission fails with a reason (not counted); at ``hard_s`` the worker process is killed."""
+
+    soft_s: float
+    hard_s: float
+
+
+DEFAULT_TIME_LIMITS = {
+    Track.ATTACK: TimeLimits(soft_s=300.0, hard_s=360.0),
+    Track.DEFENSE: TimeLimits(soft_s=3 * 3600.0, hard_s=3 * 3600.0 + 600.0),
+}
+"""Time limits of a phase whose spec sets none: a few minutes to score an attack batch, a few
+hours to evaluate a defense. The gap between the two is what the grader gets to record the
+failure once it has been interrupted."""
+
+
 class LimitsSpec(_Spec):
     max_per_day: int | None = Field(default=10, ge=1)
     max_total: int | None = Field(default=None, ge=1)
     max_upload_mb: float = Field(default=16.0, gt=0, le=1024)
+    soft_time_limit_s: float | None = Field(
+        default=None, gt=0, description="scoring is interrupted and fails (default by track)"
+    )
+    time_limit_s: float | None = Field(
+        default=None, gt=0, description="the worker process is killed (default by track)"
+    )
+
+    def resolve_time_limits(self, track: Track) -> TimeLimits:
+        """The limits for a phase of ``track``: a limit left out is the track's default, or, if
+        only the other one is set, keeps the default gap to it."""
+        default = DEFAULT_TIME_LIMITS[track]
+        gap = default.hard_s - default.soft_s
+        soft, hard = self.soft_time_limit_s, self.time_limit_s
+        if hard is None:
+            return default if soft is None else TimeLimits(soft_s=soft, hard_s=soft + gap)
+        if soft is None:
+            if hard <= gap:
+                raise ValueError(
+                    f"limits: time_limit_s = {hard:g} leaves no room for the default "
+                    f"{gap:g} s between the soft and the hard limit; set soft_time_limit_s too"
+                )
+            return TimeLimits(soft_s=hard - gap, hard_s=hard)
+        if soft >= hard:
+            raise ValueError(
+                f"limits: soft_time_limit_s ({soft:g} s) must be below time_limit_s ({hard:g} s): "
+                "the soft limit interrupts the grader so it can record the failure before the "
+                "hard limit kills the worker"
+            )
+        return TimeLimits(soft_s=soft, hard_s=hard)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -186,12 +232,20 @@ class PhaseSpec(_Spec):
             object.__setattr__(self, "metric", expected)
         elif self.metric is not expected:
             raise ValueError(f"a {self.track.value} phase is scored by {expected.value!r}")
+        soft, hard = self.limits.resolve_time_limits(self.track)
+        limits = self.limits.model_copy(update={"soft_time_limit_s": soft, "time_limit_s": hard})
+        object.__setattr__(self, "limits", limits)
         return self
 
     @property
     def scoring_metric(self) -> Metric:
         """The metric, always set after validation."""
         return self.metric or Metric.MEAN_ACCURACY
+
+    @property
+    def time_limits(self) -> TimeLimits:
+        """The phase's time limits, always set after validation (track defaults filled in)."""
+        return self.limits.resolve_time_limits(self.track)
 
     def is_open(self, now: datetime) -> bool:
         return self.opens_at <= now < self.due_at
@@ -205,6 +259,7 @@ class AssignmentSpec(_Spec):
     phases: list[PhaseSpec] = Field(min_length=1)
 
     _folder: Path = PrivateAttr(default=Path("."))
+    _path: Path = PrivateAttr(default=Path("assignment.toml"))
 
     @field_validator("timezone")
     @classmethod
@@ -265,6 +320,11 @@ class AssignmentSpec(_Spec):
         return self._folder
 
     @property
+    def path(self) -> Path:
+        """The spec file it was read from."""
+        return self._path
+
+    @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
@@ -309,16 +369,33 @@ def load_assignment(folder: Path) -> AssignmentSpec:
     except ValidationError as exc:
         raise SpecError(_describe(path, exc)) from exc
     spec._folder = folder.resolve()
+    spec._path = path
     return spec
 
 
-def load_assignments(directory: Path) -> dict[str, AssignmentSpec]:
-    """Every assignment under ``directory`` (one folder each), by slug; an invalid one fails."""
+def check_time_limits(spec: AssignmentSpec, *, visibility_timeout_s: float) -> None:
+    """Refuse a phase whose hard time limit reaches the broker's visibility timeout: Redis
+    would hand a task still running to a second worker (``AUTOGRADER_VISIBILITY_TIMEOUT_S``)."""
+    for index, phase in enumerate(spec.phases):
+        hard = phase.time_limits.hard_s
+        if hard >= visibility_timeout_s:
+            raise SpecError(
+                f"{spec.path}: phases.{index}.limits.time_limit_s: phase {phase.id!r} may run "
+                f"{hard:g} s, which is not below the broker's visibility timeout "
+                f"({visibility_timeout_s:g} s, AUTOGRADER_VISIBILITY_TIMEOUT_S); a task still "
+                "running would be delivered again. Lower the limit or raise the timeout."
+            )
+
+
+def load_assignments(directory: Path, *, visibility_timeout_s: float) -> dict[str, AssignmentSpec]:
+    """Every assignment under ``directory`` (one folder each), by slug; an invalid one, or one
+    with a time limit the broker cannot honour (:func:`check_time_limits`), fails."""
     if not directory.is_dir():
         return {}
     specs: dict[str, AssignmentSpec] = {}
     for folder in sorted(p for p in directory.iterdir() if p.is_dir()):
         if any((folder / name).is_file() for name in SPEC_FILE_NAMES):
             spec = load_assignment(folder)
+            check_time_limits(spec, visibility_timeout_s=visibility_timeout_s)
             specs[spec.slug] = spec
     return specs

@@ -14,8 +14,9 @@ class Catalog:
     assignments: dict[str, AssignmentSpec]
 
     @classmethod
-    def load(cls, directory: Path) -> Catalog:
-        return cls(load_assignments(directory))
+    def load(cls, directory: Path, *, visibility_timeout_s: float) -> Catalog:
+        """Every spec under ``directory``; see :func:`server.assignments.load_assignments`."""
+        return cls(load_assignments(directory, visibility_timeout_s=visibility_timeout_s))
 
     def phase(self, assignment: AssignmentSpec, phase_id: str) -> PhaseSpec:
         phase = assignment.phase(phase_id)

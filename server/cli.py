@@ -157,9 +157,10 @@ def cmd_dataset_build(args: argparse.Namespace) -> int:
 def cmd_assignments_check(args: argparse.Namespace) -> int:
     from server.assignments import SpecError, load_assignments
 
-    directory = args.directory or get_settings().assignments_dir
+    settings = get_settings()
+    directory = args.directory or settings.assignments_dir
     try:
-        specs = load_assignments(directory)
+        specs = load_assignments(directory, visibility_timeout_s=settings.visibility_timeout_s)
     except SpecError as exc:
         print(f"invalid assignment spec:\n{exc}", file=sys.stderr)
         return 1

@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     worker_stale_after_s: float = Field(default=30.0, gt=0)
     lease_s: float = Field(default=60.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    requeue_queued_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="the sweeper sends a submission again if it is still queued this long after "
+        "it was sent (its message may have been lost); a duplicate is skipped by the claim",
+    )
+    visibility_timeout_s: float = Field(
+        default=6 * 3600,
+        gt=0,
+        description="Redis redelivers a task not acknowledged within this time; every phase's "
+        "hard time limit must stay below it",
+    )
     torch_threads: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")

@@ -24,13 +24,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url=f"{API_PREFIX}/openapi.json",
     )
     app.state.settings = settings
-    app.state.catalog = Catalog.load(settings.assignments_dir)
+    app.state.catalog = Catalog.load(
+        settings.assignments_dir, visibility_timeout_s=settings.visibility_timeout_s
+    )
     app.state.session_factory = session_factory_for(settings.db_url)
     install_error_handlers(app)
     api = APIRouter(prefix=API_PREFIX)
     for module in (system, assignments, submissions):
         api.include_router(module.router)
     app.include_router(api)
+    app.include_router(system.metrics_router)
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

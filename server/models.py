@@ -58,16 +58,31 @@ class SubmissionStatus(StrEnum):
         )
 
 
+class FailureCause(StrEnum):
+    """Why a submission failed; none of these is charged to the student's quota."""
+
+    INFRASTRUCTURE = "infrastructure"
+    """Its worker died ``max_attempts`` times (the lease ran out each time)."""
+    ARTIFACT = "artifact"
+    """A hidden file of the phase is missing or does not match its pinned hash."""
+    GRADER = "grader"
+    """The grader refused the stored upload with a reason (``GraderError``)."""
+    INTERNAL = "internal"
+    """Any other exception in the grader."""
+    TIME_LIMIT = "time_limit"
+    """Scoring ran past the phase's time limit."""
+
+
 def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-def _enum(enum_cls: type[Enum], name: str) -> SAEnum:
+def _enum(enum_cls: type[Enum], name: str, length: int = 16) -> SAEnum:
     return SAEnum(
         enum_cls,
         name=name,
         native_enum=False,
-        length=16,
+        length=length,
         values_callable=lambda members: [m.value for m in members],
         validate_strings=True,
     )
@@ -123,6 +138,9 @@ class Submission(Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     error_log: Mapped[str | None] = mapped_column(Text, nullable=True)
+    failure_cause: Mapped[FailureCause | None] = mapped_column(
+        _enum(FailureCause, "failure_cause", length=32), nullable=True
+    )
     evaluator_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -4,27 +4,52 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
+from server.assignments import SpecError, TimeLimits, load_assignment
 from server.config import Settings
 from server.db import utcnow
-from server.models import Submission, SubmissionStatus
+from server.models import FailureCause, Submission, SubmissionStatus
 
 log = logging.getLogger(__name__)
 
 
-def send_scoring_task(settings: Settings, submission_id: str, queue: str) -> str:
-    """Publish the scoring message to ``queue``; raises if the broker cannot be reached."""
+def phase_time_limits(settings: Settings, assignment_slug: str, phase_id: str) -> TimeLimits | None:
+    """The phase's time limits, read from its spec file as the worker reads it.
+
+    ``None`` when the spec or the phase is gone: the task is sent without limits and the worker
+    fails the submission at once with a reason, instead of it waiting in the queue for ever.
+    """
+    try:
+        phase = load_assignment(settings.assignments_dir / assignment_slug).phase(phase_id)
+    except (SpecError, OSError):
+        log.warning("no valid spec for %s/%s; sent without time limits", assignment_slug, phase_id)
+        return None
+    return phase.time_limits if phase is not None else None
+
+
+def send_scoring_task(
+    settings: Settings, submission_id: str, queue: str, time_limits: TimeLimits | None
+) -> str:
+    """Publish the scoring message to ``queue`` with the phase's soft and hard time limits
+    (enforced by the worker's prefork pool); raises if the broker cannot be reached."""
     from worker.celery_app import SCORE_TASK, celery_for
 
+    limits = (
+        {"soft_time_limit": time_limits.soft_s, "time_limit": time_limits.hard_s}
+        if time_limits is not None
+        else {}
+    )
     result = celery_for(settings).send_task(
         SCORE_TASK,
         args=[submission_id],
         queue=queue,
         retry=True,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        **limits,
     )
     return str(result.id)
 
@@ -35,9 +60,14 @@ def enqueue(session: Session, settings: Settings, submission_id: str) -> bool:
     If the broker is down the submission stays queued without a task id and is sent by
     :func:`enqueue_pending` later; nothing is lost.
     """
-    queue = session.scalar(select(Submission.queue).where(Submission.id == submission_id))
+    row = session.execute(
+        select(Submission.queue, Submission.assignment_slug, Submission.phase_id).where(
+            Submission.id == submission_id
+        )
+    ).one()
+    time_limits = phase_time_limits(settings, row.assignment_slug, row.phase_id)
     try:
-        task_id = send_scoring_task(settings, submission_id, queue or "cpu")
+        task_id = send_scoring_task(settings, submission_id, row.queue or "cpu", time_limits)
     except Exception:
         log.warning("broker unreachable; submission %s stays queued", submission_id, exc_info=True)
         return False
@@ -52,14 +82,28 @@ def enqueue(session: Session, settings: Settings, submission_id: str) -> bool:
 
 
 def enqueue_pending(session: Session, settings: Settings) -> int:
-    """Send every queued submission that never reached the broker; returns how many were sent."""
-    pending = session.scalars(
-        select(Submission.id)
-        .where(Submission.status == SubmissionStatus.QUEUED, Submission.task_id.is_(None))
+    """Send every queued submission that never reached the broker, and again every one still
+    queued ``settings.requeue_queued_after_s`` after it was sent (its message may have been lost
+    with a broker that restarted without persistence; a duplicate is skipped by the worker's
+    conditional claim). Returns how many were sent."""
+    cutoff = utcnow() - timedelta(seconds=settings.requeue_queued_after_s)
+    pending = session.execute(
+        select(Submission.id, Submission.task_id)
+        .where(
+            Submission.status == SubmissionStatus.QUEUED,
+            or_(Submission.task_id.is_(None), Submission.enqueued_at < cutoff),
+        )
         .order_by(Submission.created_at)
     ).all()
     sent = 0
-    for submission_id in pending:
+    for submission_id, task_id in pending:
+        if task_id is not None:
+            log.warning(
+                "submission %s still queued over %.0f s after task %s was sent; sending it again",
+                submission_id,
+                settings.requeue_queued_after_s,
+                task_id,
+            )
         if not enqueue(session, settings, submission_id):
             break
         sent += 1
@@ -105,6 +149,7 @@ def recover_stale(session: Session, settings: Settings) -> tuple[int, int]:
                 "status": SubmissionStatus.FAILED,
                 "error_message": INFRASTRUCTURE_ERROR.format(attempts=attempts),
                 "error_log": f"lease of {worker} expired {attempts} times; last at {now}",
+                "failure_cause": FailureCause.INFRASTRUCTURE,
                 "finished_at": now,
             }
         else:

@@ -148,6 +148,14 @@ class WorkerPublic(BaseModel):
     last_seen_at: datetime
 
 
+class QueuePublic(BaseModel):
+    """One Celery queue: submissions waiting and being scored, and live workers consuming it."""
+
+    queued: int
+    running: int
+    workers: int
+
+
 class HealthPublic(BaseModel):
     status: str
     database: ComponentHealth
@@ -155,6 +163,7 @@ class HealthPublic(BaseModel):
     workers: list[WorkerPublic]
     queued: int
     running: int
+    queues: dict[str, QueuePublic]
 
 
 class TransferCell(BaseModel):

@@ -177,7 +177,9 @@ def _port_is_free(host: str, port: int) -> bool:
 def up(settings: Settings, *, worker: bool = True) -> int:
     """Migrate the database and run the API (and a worker) until Ctrl-C."""
     try:
-        specs = load_assignments(settings.assignments_dir)
+        specs = load_assignments(
+            settings.assignments_dir, visibility_timeout_s=settings.visibility_timeout_s
+        )
     except SpecError as exc:
         print(
             f"autograder: invalid assignment spec, fix it and start again:\n{exc}", file=sys.stderr

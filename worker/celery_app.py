@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from server.config import Settings, get_settings
 
@@ -28,7 +28,9 @@ def create_celery(settings: Settings) -> Celery:
 
         sqla_transport.Transport.polling_interval = settings.broker_polling_interval_s
     else:
-        transport_options = {"visibility_timeout": 6 * 3600}
+        # Longer than any phase's hard time limit (checked when the specs are loaded), so a
+        # task still running is never delivered a second time.
+        transport_options = {"visibility_timeout": settings.visibility_timeout_s}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -39,7 +41,11 @@ def create_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=CPU_QUEUE,
-        task_queues=tuple(Queue(name) for name in QUEUES),
+        # Explicit exchanges: a bare Queue(name) would inherit the default (cpu) exchange and
+        # routing key, and defense evaluations would land on the cpu queue.
+        task_queues=tuple(
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES
+        ),
         task_routes={SCORE_TASK: {"queue": CPU_QUEUE}, TRANSFER_TASK: {"queue": GPU_QUEUE}},
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,

@@ -22,6 +22,7 @@ from graders.errors import GraderError, SubmissionRejected
 from server.artifacts import load_verified_eval_set
 from server.assignments import AssignmentSpec, PhaseSpec, Track
 from server.config import Settings
+from server.db import run_with_retry
 from server.models import Submission, SubmissionStatus, TransferResult
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,19 @@ def grade_defense(
     }
     if phase.defense.transfer_from:
         report_progress({"stage": "transfer attacks"})
-        transfer = _transfer_against_batches(
-            session=session,
-            settings=settings,
-            assignment=assignment,
-            phase=phase,
-            defense=submission,
-            model=model,
+        # Reads and writes the database after what may have been hours of attacks: a database
+        # restart now is waited for (the cells already recorded are skipped on the next try).
+        transfer = run_with_retry(
+            session,
+            lambda: _transfer_against_batches(
+                session=session,
+                settings=settings,
+                assignment=assignment,
+                phase=phase,
+                defense=submission,
+                model=model,
+            ),
+            what=f"transfer scoring of defense {submission.id}",
         )
         results["transfer"] = transfer
         comparable = [t["accuracy"] for t in transfer if t["same_points"]]

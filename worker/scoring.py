@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import update
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from graders.attack_scoring import score_attack_batch
@@ -24,8 +26,8 @@ from graders.version import EVALUATOR_VERSION
 from server.artifacts import load_verified_eval_set
 from server.assignments import AssignmentSpec, PhaseSpec, Track, load_assignment
 from server.config import Settings
-from server.db import utcnow
-from server.models import Submission, SubmissionStatus
+from server.db import is_unreachable, run_with_retry, utcnow
+from server.models import FailureCause, Submission, SubmissionStatus
 from worker.defense import defense_phases_fed_by, grade_defense, transfer_new_batch
 from worker.models import clean_predictions, hidden_model
 
@@ -68,6 +70,7 @@ def _claim(session: Session, submission_id: str, token: str, lease: timedelta) -
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return None
     row = session.get(Submission, submission_id)
+    session.commit()  # grading may take hours: hold no transaction (nor connection) meanwhile
     if row is None:
         return None
     return _Claim(row.assignment_slug, row.phase_id, row.batch_path)
@@ -82,27 +85,54 @@ def _mine(submission_id: str, token: str) -> Any:
 
 
 def _finish(session: Session, submission_id: str, token: str, **values: Any) -> bool:
-    """Record the outcome only if this run still holds the row (not cancelled, not taken over)."""
-    result = session.execute(
-        update(Submission)
-        .where(_mine(submission_id, token))
-        .values(finished_at=utcnow(), progress=None, lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+    """Record the outcome only if this run still holds the row (not cancelled, not taken over).
+
+    A database restart meanwhile does not lose the result: the write is retried on a new
+    connection until the database is back (for up to :data:`server.db.DB_RETRY_S`).
+    """
+
+    def write() -> bool:
+        result = session.execute(
+            update(Submission)
+            .where(_mine(submission_id, token))
+            .values(finished_at=utcnow(), progress=None, lease_expires_at=None, **values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        # A retry after a commit whose reply was lost finds this run's outcome already there.
+        recorded = session.scalar(
+            select(Submission.id).where(
+                Submission.id == submission_id,
+                Submission.worker == token,
+                Submission.status == values["status"],
+            )
+        )
+        session.commit()
+        return recorded is not None
+
+    return run_with_retry(session, write, what=f"recording the outcome of {submission_id}")
 
 
 def _set_progress(
     session: Session, submission_id: str, token: str, progress: dict[str, Any]
 ) -> None:
-    session.execute(
-        update(Submission)
-        .where(_mine(submission_id, token))
-        .values(progress=progress)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
+    """Show how far the grader got. Best effort: a write the database cannot take (restarting,
+    locked) is dropped, not retried, and the next report replaces it; grading goes on. It is
+    written in a session of its own, so a failed write rolls back nothing of the grader's."""
+    try:
+        with Session(session.get_bind()) as own, own.begin():
+            own.execute(
+                update(Submission)
+                .where(_mine(submission_id, token))
+                .values(progress=progress)
+                .execution_options(synchronize_session=False)
+            )
+    except DBAPIError as exc:
+        if not is_unreachable(exc):
+            raise
+        log.warning("progress of %s not saved: database unreachable (%r)", submission_id, exc.orig)
 
 
 @contextmanager
@@ -195,16 +225,59 @@ def _grade_attack(
     return results
 
 
-def _student_reason(exc: Exception) -> str:
-    """What the student is told; the full traceback is kept for the TA in ``error_log``."""
+def _duration(seconds: float) -> str:
+    """``90 s``, ``5 min``, ``3 h 10 min``: a time limit as a student reads it."""
+    if seconds < 120:
+        return f"{seconds:g} s"
+    minutes = round(seconds / 60)
+    if minutes < 120:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+
+
+def time_limit_reason(limit_s: float | None) -> str:
+    """What the student is told when scoring ran past the phase's time limit."""
+    limit = f" of {_duration(limit_s)}" if limit_s else ""
+    return (
+        f"Time limit exceeded: scoring this submission took longer than the phase's limit{limit} "
+        "and was stopped. It was not counted; tell the course staff if it happens again."
+    )
+
+
+def _interrupted_by_time_limit(exc: BaseException) -> bool:
+    """True when the soft time limit cut the grader short, also where grading code wrapped the
+    interruption in an error of its own (reading a hidden file cut short is an ArtifactError)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, SoftTimeLimitExceeded):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _soft_time_limit(settings: Settings, claim: _Claim) -> float | None:
+    try:
+        return _phase(settings, claim.assignment_slug, claim.phase_id)[1].time_limits.soft_s
+    except Exception:  # the spec changed under us: the reason goes without the number
+        return None
+
+
+def _failure(exc: Exception, settings: Settings, claim: _Claim) -> tuple[FailureCause, str]:
+    """Why grading failed and what the student is told; the full traceback is kept for the TA
+    in ``error_log``. No cause is charged to the student's quota."""
+    if _interrupted_by_time_limit(exc):
+        return FailureCause.TIME_LIMIT, time_limit_reason(_soft_time_limit(settings, claim))
     if isinstance(exc, ArtifactError):
-        return (
+        return FailureCause.ARTIFACT, (
             "The grader could not load a hidden artifact of this phase. This is not a problem "
             "with your upload and it was not counted; the course staff can see the details."
         )
     if isinstance(exc, GraderError):
-        return f"The grader could not score this submission: {exc}"
-    return (
+        return FailureCause.GRADER, f"The grader could not score this submission: {exc}"
+    return FailureCause.INTERNAL, (
         f"Internal grader error ({type(exc).__name__}). This is not a problem with your upload "
         "and it was not counted; the course staff can see the log."
     )
@@ -220,7 +293,9 @@ def run_scoring(
     """Score one submission; a second delivery of the same message does nothing.
 
     The run holds a lease on the row that a background thread renews; if the worker dies, the
-    lease runs out and :func:`server.queue.sweep` puts the submission back in the queue.
+    lease runs out and :func:`server.queue.sweep` puts the submission back in the queue. The
+    phase's soft time limit interrupts the grader with ``SoftTimeLimitExceeded``, which fails the
+    submission like any other error, with cause ``time_limit``.
     """
     token = f"{worker_name}/{uuid.uuid4().hex[:12]}"
     lease = timedelta(seconds=settings.lease_s)
@@ -235,12 +310,15 @@ def run_scoring(
         except Exception as exc:  # every failure ends the submission with a reason
             log.exception("grading submission %s failed", submission_id)
             session.rollback()
-            reason = _student_reason(exc)
+            if is_unreachable(exc):  # not the upload's fault: the lease runs out, sweep requeues
+                raise
+            cause, reason = _failure(exc, settings, claim)
             _finish(
                 session,
                 submission_id,
                 token,
                 status=SubmissionStatus.FAILED,
+                failure_cause=cause,
                 error_message=reason,
                 error_log=traceback.format_exc(),
                 evaluator_version=EVALUATOR_VERSION,
@@ -258,6 +336,45 @@ def run_scoring(
         if recorded:
             _request_transfer(settings, claim, submission_id)
         return Outcome.SCORED if recorded else Outcome.SKIPPED
+
+
+def record_hard_time_limit(
+    submission_id: str,
+    task_id: str,
+    limit_s: float | None,
+    *,
+    session_factory: sessionmaker[Session],
+) -> bool:
+    """Fail the submission whose scoring process the pool killed at the hard time limit.
+
+    Called in the worker's main process (the scoring process is gone). Without it the lease would
+    run out and the sweep would start the same doomed run again, ``max_attempts`` times. Only
+    the run of task ``task_id`` is failed: a later delivery that owns the row is left alone.
+    """
+    with session_factory() as session:
+        result = session.execute(
+            update(Submission)
+            .where(
+                Submission.id == submission_id,
+                Submission.status == SubmissionStatus.RUNNING,
+                Submission.task_id == task_id,
+            )
+            .values(
+                status=SubmissionStatus.FAILED,
+                failure_cause=FailureCause.TIME_LIMIT,
+                error_message=time_limit_reason(limit_s),
+                error_log=f"task {task_id}: the worker process was killed at the hard time limit"
+                + (f" ({limit_s:g} s)" if limit_s else ""),
+                evaluator_version=EVALUATOR_VERSION,
+                finished_at=utcnow(),
+                worker=None,
+                lease_expires_at=None,
+                progress=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _request_transfer(settings: Settings, claim: _Claim, submission_id: str) -> None:

@@ -8,7 +8,8 @@ import threading
 from typing import Any
 
 import torch
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy import delete
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -16,7 +17,7 @@ from server.config import get_settings
 from server.db import forget_engines, session_factory_for, utcnow
 from server.models import WorkerHeartbeat
 from worker.celery_app import SCORE_TASK, TRANSFER_TASK, celery_app
-from worker.scoring import Outcome, run_scoring, run_transfer
+from worker.scoring import Outcome, record_hard_time_limit, run_scoring, run_transfer
 
 log = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -42,6 +43,33 @@ def transfer_attack(submission_id: str) -> int:
     return run_transfer(
         submission_id, settings=settings, session_factory=session_factory_for(settings.db_url)
     )
+
+
+@task_failure.connect
+def _on_hard_time_limit(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    **_: Any,
+) -> None:
+    """The pool killed a scoring process at its hard time limit (this runs in the worker's main
+    process): fail the submission now, with cause ``time_limit``."""
+    if not isinstance(exception, TimeLimitExceeded) or getattr(sender, "name", None) != SCORE_TASK:
+        return
+    if not args or task_id is None:
+        return
+    limit = exception.args[0] if exception.args else None
+    settings = get_settings()
+    try:
+        record_hard_time_limit(
+            str(args[0]),
+            task_id,
+            float(limit) if isinstance(limit, int | float) else None,
+            session_factory=session_factory_for(settings.db_url),
+        )
+    except Exception:  # the lease runs out instead and the sweep takes over
+        log.warning("could not record the hard time limit of task %s", task_id, exc_info=True)
 
 
 def _beat(hostname: str) -> None:

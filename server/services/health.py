@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
 from kombu import Connection
@@ -11,7 +12,7 @@ from sqlalchemy.orm import Session
 from server.config import Settings
 from server.db import utcnow
 from server.models import Submission, SubmissionStatus, WorkerHeartbeat
-from server.schemas import ComponentHealth, HealthPublic, WorkerPublic
+from server.schemas import ComponentHealth, HealthPublic, QueuePublic, WorkerPublic
 
 
 def _broker(settings: Settings) -> ComponentHealth:
@@ -21,6 +22,38 @@ def _broker(settings: Settings) -> ComponentHealth:
     except Exception as exc:
         return ComponentHealth(ok=False, detail=f"{type(exc).__name__}: {exc}"[:300])
     return ComponentHealth(ok=True)
+
+
+def live_workers(session: Session, settings: Settings) -> Sequence[WorkerHeartbeat]:
+    """Workers whose heartbeat is fresher than ``settings.worker_stale_after_s``."""
+    cutoff = utcnow() - timedelta(seconds=settings.worker_stale_after_s)
+    return session.scalars(
+        select(WorkerHeartbeat)
+        .where(WorkerHeartbeat.last_seen_at >= cutoff)
+        .order_by(WorkerHeartbeat.hostname)
+    ).all()
+
+
+def worker_queues(worker: WorkerHeartbeat) -> set[str]:
+    """The queues a worker consumes (its heartbeat stores them comma-separated)."""
+    return {name.strip() for name in worker.queues.split(",") if name.strip()}
+
+
+def submission_counts(session: Session) -> dict[tuple[str, SubmissionStatus], int]:
+    """How many submissions each (queue, status) pair holds right now."""
+    rows = session.execute(
+        select(Submission.queue, Submission.status, func.count()).group_by(
+            Submission.queue, Submission.status
+        )
+    )
+    return {(queue, status): count for queue, status, count in rows}
+
+
+def known_queues(seen: Iterable[str]) -> list[str]:
+    """The Celery queues (``cpu``, ``gpu``) plus any other name found in ``seen``, sorted."""
+    from worker.celery_app import QUEUES
+
+    return sorted({*QUEUES, *seen})
 
 
 def health(*, session: Session, settings: Settings) -> HealthPublic:
@@ -36,20 +69,17 @@ def health(*, session: Session, settings: Settings) -> HealthPublic:
             workers=[],
             queued=0,
             running=0,
+            queues={},
         )
-    cutoff = utcnow() - timedelta(seconds=settings.worker_stale_after_s)
-    workers = session.scalars(
-        select(WorkerHeartbeat)
-        .where(WorkerHeartbeat.last_seen_at >= cutoff)
-        .order_by(WorkerHeartbeat.hostname)
-    ).all()
-    counts: dict[SubmissionStatus, int] = {
-        status: count
-        for status, count in session.execute(
-            select(Submission.status, func.count())
-            .where(Submission.status.in_([SubmissionStatus.QUEUED, SubmissionStatus.RUNNING]))
-            .group_by(Submission.status)
+    workers = live_workers(session, settings)
+    counts = submission_counts(session)
+    queues = {
+        queue: QueuePublic(
+            queued=counts.get((queue, SubmissionStatus.QUEUED), 0),
+            running=counts.get((queue, SubmissionStatus.RUNNING), 0),
+            workers=sum(queue in worker_queues(w) for w in workers),
         )
+        for queue in known_queues(queue for queue, _ in counts)
     }
     broker = _broker(settings)
     ok = database.ok and broker.ok and bool(workers)
@@ -61,6 +91,7 @@ def health(*, session: Session, settings: Settings) -> HealthPublic:
             WorkerPublic(hostname=w.hostname, queues=w.queues, last_seen_at=w.last_seen_at)
             for w in workers
         ],
-        queued=counts.get(SubmissionStatus.QUEUED, 0),
-        running=counts.get(SubmissionStatus.RUNNING, 0),
+        queued=sum(q.queued for q in queues.values()),
+        running=sum(q.running for q in queues.values()),
+        queues=queues,
     )

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +151,63 @@ def _stop_process(process: subprocess.Popen[Any], sig: int, timeout: float) -> N
 # redis-server
 
 
-@dataclass(frozen=True)
+@dataclass
 class RedisServer:
+    """A redis-server process that a test may stop and start again on the same port and folder."""
+
     port: int
     directory: Path
     log: Path
+    appendonly: bool = False
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start the server (again) and wait until it answers; with ``appendonly`` it reloads
+        what it had from its append-only file."""
+        binary = require(
+            shutil.which("redis-server"), what="redis-server", apt_package=REDIS_APT_PACKAGE
+        )
+        command = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,
+            )
+        wait_for(
+            lambda: _redis_answers(self.port),
+            timeout=SERVER_START_TIMEOUT_S,
+            process=self.process,
+            what=f"redis-server on port {self.port}",
+            log=self.log,
+        )
+
+    def stop(self) -> None:
+        """Stop the server (SIGTERM: a clean shutdown, as a restart does)."""
+        if self.process is not None:
+            _stop_process(self.process, signal.SIGTERM, timeout=10)
 
 
 def _redis_answers(port: int) -> bool:
@@ -173,58 +221,34 @@ def _redis_answers(port: int) -> bool:
 
 
 @contextmanager
-def redis_server(directory: Path) -> Iterator[RedisServer]:
-    """A redis-server on a free loopback port, without persistence, stopped on exit."""
-    binary = require(
-        shutil.which("redis-server"), what="redis-server", apt_package=REDIS_APT_PACKAGE
-    )
+def redis_server(directory: Path, *, appendonly: bool = False) -> Iterator[RedisServer]:
+    """A redis-server on a free loopback port, stopped on exit; without persistence unless
+    ``appendonly`` (production's setting: an append-only file, kept over a restart)."""
     directory.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = directory / "redis.log"
-    command = [
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        str(directory),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--logfile",
-        "",
-    ]
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, cwd=directory, start_new_session=True
-        )
+    server = RedisServer(
+        port=free_port(), directory=directory, log=directory / "redis.log", appendonly=appendonly
+    )
     try:
-        wait_for(
-            lambda: _redis_answers(port),
-            timeout=SERVER_START_TIMEOUT_S,
-            process=process,
-            what=f"redis-server on port {port}",
-            log=log,
-        )
-        yield RedisServer(port=port, directory=directory, log=log)
+        server.start()
+        yield server
     finally:
-        _stop_process(process, signal.SIGTERM, timeout=10)
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL 15
 
 
-@dataclass(frozen=True)
+@dataclass
 class PostgresServer:
+    """A PostgreSQL 15 cluster that a test may stop and start again on the same port and data."""
+
     port: int
     directory: Path
     log: Path
     database: str = DATABASE_NAME
+    command: list[str] = field(default_factory=list, repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -240,6 +264,37 @@ class PostgresServer:
             connect_timeout=2,
             autocommit=True,
         )
+
+    def start(self) -> None:
+        """Start the server (again) on its data directory and port; wait until it answers."""
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                _as_postgres_user(self.command),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                start_new_session=True,
+            )
+        wait_for(
+            lambda: _postgres_answers(self.port),
+            timeout=SERVER_START_TIMEOUT_S,
+            process=self.process,
+            what=f"PostgreSQL on port {self.port}",
+            log=self.log,
+        )
+
+    def stop(self) -> None:
+        """A "fast" shutdown: open connections are cut and their transactions rolled back."""
+        if self.process is None:
+            return
+        pid = _postmaster_pid(self.directory / "data")
+        if pid is not None and self.process.poll() is None:
+            # Signal the postmaster itself (under runuser the Popen pid is runuser's).
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+            with suppress(subprocess.TimeoutExpired):
+                self.process.wait(20)
+        _stop_process(self.process, signal.SIGINT, timeout=10)
 
 
 def _as_postgres_user(command: list[str]) -> list[str]:
@@ -289,7 +344,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         apt_package=POSTGRES_APT_PACKAGE,
     )
     directory = Path(tempfile.mkdtemp(prefix="autograder-e2e-pg-"))
-    process: subprocess.Popen[bytes] | None = None
+    server: PostgresServer | None = None
     data = directory / "data"
     try:
         if os.geteuid() == 0:
@@ -336,35 +391,14 @@ def postgres_server() -> Iterator[PostgresServer]:
             "-c",
             "full_page_writes=off",
         ]
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                _as_postgres_user(command),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=directory,
-                start_new_session=True,
-            )
-        wait_for(
-            lambda: _postgres_answers(port),
-            timeout=SERVER_START_TIMEOUT_S,
-            process=process,
-            what=f"PostgreSQL on port {port}",
-            log=log,
-        )
-        server = PostgresServer(port=port, directory=directory, log=log)
+        server = PostgresServer(port=port, directory=directory, log=log, command=command)
+        server.start()
         with server.connect("postgres") as connection:
             connection.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
         yield server
     finally:
-        if process is not None:
-            pid = _postmaster_pid(data)
-            if pid is not None and process.poll() is None:
-                # "Fast" shutdown of the postmaster itself; runuser exits when it does.
-                with suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGINT)
-                with suppress(subprocess.TimeoutExpired):
-                    process.wait(20)
-            _stop_process(process, signal.SIGINT, timeout=10)
+        if server is not None:
+            server.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from server.assignments import SpecError, load_assignment, load_assignments
+from server import cli
+from server.assignments import SpecError, TimeLimits, load_assignment, load_assignments
+from server.config import Settings, get_settings
+from server.main import create_app
 from tests.conftest import Artifacts, spec_toml, write_spec
+
+ATTACK_LIMITS = "max_upload_mb = 1 }"
+"""The end of the attack phase's inline `limits` table in the test spec."""
+DEFENSE_LIMITS = "max_total = 20 }"
+"""The end of the defense phase's inline `limits` table in the test spec."""
 
 
 def test_valid_spec_loads_with_local_times_converted_to_utc(
@@ -86,7 +94,8 @@ phases:
         weights: {{file: net-a.safetensors, sha256: "{artifacts.weights["net-a"]}"}}
 """
     )
-    assert load_assignments(tmp_path)["yaml-course"].phases[0].threat_model.eps == 8
+    specs = load_assignments(tmp_path, visibility_timeout_s=21600)
+    assert specs["yaml-course"].phases[0].threat_model.eps == 8
     broken = write_spec(tmp_path, "title = \n")
     with pytest.raises(SpecError, match=r"assignment\.toml: not valid TOML"):
         load_assignment(broken.parent)
@@ -158,3 +167,80 @@ def test_attack_phase_with_a_defense_table_is_rejected(
     )
     with pytest.raises(SpecError, match="defense phases only"):
         load_assignment(write_spec(tmp_path, text).parent)
+
+
+def test_time_limits_default_by_track(tmp_path: Path, artifacts: Artifacts) -> None:
+    spec = load_assignment(write_spec(tmp_path, spec_toml(artifacts, defense="")).parent)
+    attack, defense = spec.phases
+    assert attack.time_limits == TimeLimits(soft_s=300, hard_s=360)
+    assert defense.time_limits == TimeLimits(soft_s=3 * 3600, hard_s=3 * 3600 + 10 * 60)
+    assert (attack.limits.soft_time_limit_s, attack.limits.time_limit_s) == (300, 360)
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("soft_time_limit_s = 600", TimeLimits(soft_s=600, hard_s=660)),  # default 60 s gap
+        ("time_limit_s = 90", TimeLimits(soft_s=30, hard_s=90)),
+        ("soft_time_limit_s = 10, time_limit_s = 20", TimeLimits(soft_s=10, hard_s=20)),
+    ],
+)
+def test_time_limits_set_in_the_spec(
+    tmp_path: Path, artifacts: Artifacts, extra: str, expected: TimeLimits
+) -> None:
+    text = spec_toml(artifacts).replace(ATTACK_LIMITS, f"max_upload_mb = 1, {extra} }}")
+    assert load_assignment(write_spec(tmp_path, text).parent).phases[0].time_limits == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ("soft_time_limit_s = 400, time_limit_s = 360", "soft_time_limit_s (400 s) must be below"),
+        ("soft_time_limit_s = 360, time_limit_s = 360", "must be below time_limit_s (360 s)"),
+        ("time_limit_s = 45", "set soft_time_limit_s too"),
+        ("soft_time_limit_s = 0", "greater than 0"),
+    ],
+)
+def test_inconsistent_time_limits_are_rejected(
+    tmp_path: Path, artifacts: Artifacts, extra: str, reason: str
+) -> None:
+    text = spec_toml(artifacts).replace(ATTACK_LIMITS, f"max_upload_mb = 1, {extra} }}")
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as error:
+        load_assignment(path.parent)
+    message = str(error.value)
+    assert str(path) in message and "phases.0" in message and reason in message
+
+
+def test_hard_limit_must_stay_below_the_visibility_timeout(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    text = spec_toml(artifacts, defense="").replace(
+        DEFENSE_LIMITS, "max_total = 20, soft_time_limit_s = 20000, time_limit_s = 21600 }"
+    )
+    path = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as error:
+        load_assignments(tmp_path, visibility_timeout_s=21600)
+    message = str(error.value)
+    assert str(path) in message and "phases.1.limits.time_limit_s" in message
+    assert "'defense'" in message and "AUTOGRADER_VISIBILITY_TIMEOUT_S" in message
+    assert load_assignments(tmp_path, visibility_timeout_s=21601)["course"].phases[1].time_limits
+
+
+def test_the_catalog_and_the_check_command_refuse_a_limit_past_the_visibility_timeout(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = settings.model_copy(update={"visibility_timeout_s": 360.0})  # attack hard limit: 360
+    with pytest.raises(SpecError, match="phase 'attack' may run 360 s"):
+        create_app(short)
+    assert create_app(settings.model_copy(update={"visibility_timeout_s": 361.0}))
+    monkeypatch.setenv("AUTOGRADER_VISIBILITY_TIMEOUT_S", "360")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["assignments", "check", str(settings.assignments_dir)]) == 1
+        assert "phases.0.limits.time_limit_s" in capsys.readouterr().err
+        monkeypatch.setenv("AUTOGRADER_VISIBILITY_TIMEOUT_S", "361")
+        get_settings.cache_clear()
+        assert cli.main(["assignments", "check", str(settings.assignments_dir)]) == 0
+    finally:
+        get_settings.cache_clear()

@@ -7,16 +7,20 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_failure
 from sqlalchemy.orm import Session, sessionmaker
 
 from graders.architectures import build_model
 from graders.attack_scoring import predict
 from graders.checkpoints import load_weights, read_state_dict
+from graders.errors import ArtifactError, GraderError
+from server.assignments import load_assignment
 from server.config import Settings
 from server.db import utcnow
-from server.models import Submission, SubmissionStatus
+from server.models import FailureCause, Submission, SubmissionStatus, User
 from server.queue import sweep
-from server.services.submissions import CHARGED
+from server.services.submissions import CHARGED, quota
 from tests.conftest import PHASE, SLUG, Account, Artifacts, perturbed, spec_toml, write_spec
 from worker import scoring
 from worker.scoring import Outcome, run_scoring
@@ -86,6 +90,7 @@ def test_weights_not_matching_the_pinned_hash_fail_with_a_reason_and_a_log(
         assert row.status is SubmissionStatus.FAILED and row.score is None
         assert "not a problem with your upload" in row.error_message
         assert "sha256 mismatch" in row.error_log
+        assert row.failure_cause is FailureCause.ARTIFACT
 
 
 def test_unreadable_batch_fails_instead_of_staying_running(
@@ -98,6 +103,7 @@ def test_unreadable_batch_fails_instead_of_staying_running(
         row = session.get(Submission, submission_id)
         assert row.status is SubmissionStatus.FAILED
         assert "FileNotFoundError" in row.error_message and row.finished_at is not None
+        assert row.failure_cause is FailureCause.INTERNAL
 
 
 def _abandon(factory, submission_id: str, *, attempts: int, expires_in_s: float) -> None:
@@ -146,6 +152,7 @@ def test_too_many_lost_attempts_fail_as_infrastructure_error_not_charged(
         assert row.status is SubmissionStatus.FAILED
         assert row.error_message.startswith("Infrastructure error")
         assert "not counted" in row.error_message
+        assert row.failure_cause is FailureCause.INFRASTRUCTURE
         assert row.status not in CHARGED
 
 
@@ -168,3 +175,122 @@ def test_lease_is_renewed_while_the_grader_runs(
     monkeypatch.setattr(scoring, "_grade", slow_grade)
     assert run_scoring(submission_id, settings=short, session_factory=db) is Outcome.SCORED
     assert seen == [True, 0]
+
+
+def _used(factory: sessionmaker[Session], settings: Settings, account: Account) -> int:
+    """The student's submissions charged to the phase's quota today."""
+    assignment = load_assignment(settings.assignments_dir / SLUG)
+    with factory() as session:
+        user = session.get(User, account.user_id)
+        used = quota(session=session, user=user, assignment=assignment, phase=assignment.phases[0])
+        return used.used_today
+
+
+@pytest.mark.parametrize(
+    ("limits", "named"),
+    [("", "limit of 5 min"), ("soft_time_limit_s = 90, time_limit_s = 100", "limit of 90 s")],
+)
+def test_soft_time_limit_fails_the_submission_without_charging_it(
+    db,
+    settings: Settings,
+    accounts: dict[str, Account],
+    artifacts: Artifacts,
+    monkeypatch,
+    limits: str,
+    named: str,
+) -> None:
+    if limits:
+        spec = spec_toml(artifacts).replace(
+            "max_upload_mb = 1 }", f"max_upload_mb = 1, {limits} }}"
+        )
+        write_spec(settings.assignments_dir, spec)
+    submission_id = queued(db, settings, accounts["alice"], artifacts.eval_set.images)
+    assert _used(db, settings, accounts["alice"]) == 1  # queued: charged
+    real_load = scoring.load_verified_eval_set
+
+    def interrupted_load(*args, **kwargs):
+        real_load(*args, **kwargs)
+        raise SoftTimeLimitExceeded()  # what the pool's SIGUSR1 handler raises mid-grading
+
+    monkeypatch.setattr(scoring, "load_verified_eval_set", interrupted_load)
+    assert run_scoring(submission_id, settings=settings, session_factory=db) is Outcome.FAILED
+    with db() as session:
+        row = session.get(Submission, submission_id)
+        assert row.status is SubmissionStatus.FAILED and row.status not in CHARGED
+        assert row.failure_cause is FailureCause.TIME_LIMIT
+        assert row.error_message.startswith("Time limit exceeded")
+        assert named in row.error_message and "not counted" in row.error_message
+        assert "SoftTimeLimitExceeded" in row.error_log
+        assert row.finished_at is not None and row.lease_expires_at is None
+    assert _used(db, settings, accounts["alice"]) == 0
+
+
+def test_time_limit_wrapped_by_grading_code_is_still_a_time_limit(
+    db, settings: Settings, accounts: dict[str, Account], artifacts: Artifacts, monkeypatch
+) -> None:
+    submission_id = queued(db, settings, accounts["alice"], artifacts.eval_set.images)
+
+    def wrapped(*_):
+        try:
+            raise SoftTimeLimitExceeded()
+        except Exception as exc:  # like checkpoints.read_state_dict around torch.load
+            raise ArtifactError("net-a.safetensors: could not read weights") from exc
+
+    monkeypatch.setattr(scoring, "_grade", wrapped)
+    assert run_scoring(submission_id, settings=settings, session_factory=db) is Outcome.FAILED
+    with db() as session:
+        assert session.get(Submission, submission_id).failure_cause is FailureCause.TIME_LIMIT
+
+
+def test_grader_error_is_told_to_the_student_with_its_cause(
+    db, settings: Settings, accounts: dict[str, Account], artifacts: Artifacts, monkeypatch
+) -> None:
+    submission_id = queued(db, settings, accounts["alice"], artifacts.eval_set.images)
+
+    def refuse(*_):
+        raise GraderError("the stored checkpoint could not be loaded again")
+
+    monkeypatch.setattr(scoring, "_grade", refuse)
+    assert run_scoring(submission_id, settings=settings, session_factory=db) is Outcome.FAILED
+    with db() as session:
+        row = session.get(Submission, submission_id)
+        assert row.failure_cause is FailureCause.GRADER
+        assert row.error_message.endswith("the stored checkpoint could not be loaded again")
+
+
+def test_hard_time_limit_signal_fails_the_run_of_that_task_only(
+    db, settings: Settings, accounts: dict[str, Account], artifacts: Artifacts, monkeypatch
+) -> None:
+    from worker import tasks
+
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    submission_id = queued(db, settings, accounts["alice"], artifacts.eval_set.images)
+    _abandon(db, submission_id, attempts=1, expires_in_s=60)
+    with db() as session:
+        session.get(Submission, submission_id).task_id = "task-2"
+        session.commit()
+
+    def killed(task_id: str) -> None:
+        """What the worker's main process sends when the pool kills a process at 360 s."""
+        task_failure.send(
+            sender=tasks.score_submission,
+            task_id=task_id,
+            exception=TimeLimitExceeded(360.0),
+            args=[submission_id],
+            kwargs={},
+            traceback=None,
+            einfo=None,
+        )
+
+    killed("task-1")  # an earlier delivery: the row is no longer its run
+    with db() as session:
+        assert session.get(Submission, submission_id).status is SubmissionStatus.RUNNING
+    killed("task-2")
+    with db() as session:
+        row = session.get(Submission, submission_id)
+        assert row.status is SubmissionStatus.FAILED
+        assert row.failure_cause is FailureCause.TIME_LIMIT
+        assert "limit of 6 min" in row.error_message and "360 s" in row.error_log
+        assert row.worker is None and row.lease_expires_at is None
+        assert sweep(session, settings).requeued == 0  # nothing left for the sweep to retry
+    assert _used(db, settings, accounts["alice"]) == 0
