@@ -23,7 +23,8 @@ from server.artifacts import load_verified_eval_set
 from server.assignments import AssignmentSpec, PhaseSpec, Track
 from server.config import Settings
 from server.db import run_with_retry
-from server.models import Submission, SubmissionStatus, TransferResult
+from server.models import Submission, TransferResult
+from server.services.submissions import latest_scored_per_student
 
 log = logging.getLogger(__name__)
 
@@ -116,26 +117,6 @@ def grade_defense(
     return results
 
 
-def _latest_scored(
-    session: Session, assignment_slug: str, phase_id: str, *, exclude_user: int | None = None
-) -> list[Submission]:
-    """Each student's latest scored submission of a phase."""
-    rows = session.scalars(
-        select(Submission)
-        .where(
-            Submission.assignment_slug == assignment_slug,
-            Submission.phase_id == phase_id,
-            Submission.status == SubmissionStatus.SCORED,
-        )
-        .order_by(Submission.created_at)
-    ).all()
-    latest: dict[int, Submission] = {}
-    for row in rows:
-        if row.user_id != exclude_user:
-            latest[row.user_id] = row
-    return list(latest.values())
-
-
 def _transfer_accuracy(model: Any, batch_path: str, labels: np.ndarray) -> float:
     adversarial = np.load(Path(batch_path), allow_pickle=False)
     return float((predict(model, adversarial) == labels).mean())
@@ -177,7 +158,7 @@ def _transfer_against_batches(
             continue
         eval_set = load_verified_eval_set(settings.data_path, source.evaluation_set)
         same = source.evaluation_set.sha256 == phase.evaluation_set.sha256
-        for batch in _latest_scored(session, assignment.slug, source.id):
+        for batch in latest_scored_per_student(session, assignment.slug, source.id):
             accuracy = _transfer_accuracy(model, batch.batch_path, eval_set.labels)
             _record(session, defense.id, batch.id, accuracy, len(eval_set))
             out.append(
@@ -212,7 +193,7 @@ def transfer_new_batch(
     eval_set = load_verified_eval_set(settings.data_path, source.evaluation_set)
     added = 0
     for phase in defense_phases_fed_by(assignment, source.id):
-        for defense in _latest_scored(session, assignment.slug, phase.id):
+        for defense in latest_scored_per_student(session, assignment.slug, phase.id):
             done = session.scalar(
                 select(TransferResult.id).where(
                     TransferResult.defense_submission_id == defense.id,

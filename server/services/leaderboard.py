@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.assignments import AssignmentSpec, Metric, PhaseSpec
-from server.models import Submission, SubmissionStatus, TransferResult, User
+from server.models import Submission, TransferResult, User
 from server.schemas import (
     LeaderboardEntry,
     LeaderboardPublic,
@@ -18,6 +18,7 @@ from server.schemas import (
     TransferMatrixPublic,
     TransferRow,
 )
+from server.services.submissions import latest_scored_per_student, scored_in_phase
 
 SELECTION = {
     Metric.MEAN_ACCURACY: (
@@ -45,15 +46,7 @@ def leaderboard(
     *, session: Session, assignment: AssignmentSpec, phase: PhaseSpec, viewer: User
 ) -> LeaderboardPublic:
     """The phase's ranking; staff also see usernames and submission ids."""
-    rows = session.scalars(
-        select(Submission)
-        .where(
-            Submission.assignment_slug == assignment.slug,
-            Submission.phase_id == phase.id,
-            Submission.status == SubmissionStatus.SCORED,
-        )
-        .order_by(Submission.created_at)
-    ).all()
+    rows = scored_in_phase(session, assignment.slug, phase.id)
     sign = -1.0 if phase.scoring_metric.higher_is_better else 1.0
     standings: dict[int, _Standing] = {}
     for row in rows:
@@ -106,21 +99,9 @@ def transfer_matrix(
 ) -> TransferMatrixPublic:
     """The defense x attack matrix of a defense phase. Staff see every row; a student sees the
     rows of their own defenses, with attackers under their pseudonyms."""
-    defenses = session.scalars(
-        select(Submission)
-        .where(
-            Submission.assignment_slug == assignment.slug,
-            Submission.phase_id == phase.id,
-            Submission.status == SubmissionStatus.SCORED,
-        )
-        .order_by(Submission.created_at)
-    ).all()
-    latest: dict[int, Submission] = {}
-    for row in defenses:
-        latest[row.user_id] = row
     staff = viewer.role.is_staff
     rows = []
-    for defense in latest.values():
+    for defense in latest_scored_per_student(session, assignment.slug, phase.id):
         if not staff and defense.user_id != viewer.id:
             continue
         cells = session.execute(

@@ -176,6 +176,31 @@ def create_submission(
     return submission
 
 
+def scored_in_phase(session: Session, assignment_slug: str, phase_id: str) -> list[Submission]:
+    """Every scored submission of a phase, oldest first."""
+    return list(
+        session.scalars(
+            select(Submission)
+            .where(
+                Submission.assignment_slug == assignment_slug,
+                Submission.phase_id == phase_id,
+                Submission.status == SubmissionStatus.SCORED,
+            )
+            .order_by(Submission.created_at)
+        ).all()
+    )
+
+
+def latest_scored_per_student(
+    session: Session, assignment_slug: str, phase_id: str
+) -> list[Submission]:
+    """Each student's latest scored submission of a phase."""
+    latest: dict[int, Submission] = {}
+    for row in scored_in_phase(session, assignment_slug, phase_id):
+        latest[row.user_id] = row
+    return list(latest.values())
+
+
 def get_visible_submission(*, session: Session, user: User, submission_id: str) -> Submission:
     """A submission the user may read: their own, or any for staff (404 otherwise, not 403)."""
     submission = session.get(Submission, submission_id)
