@@ -29,8 +29,8 @@ import torchattacks
 from torch import Tensor, nn
 
 from graders.architectures import Architecture, build_model
-from graders.attacks.core import AttackName, Ball, TargetModel, misclassified
-from graders.attacks.suite import SuiteKind, SuiteParams, predict_logits, run_suite
+from graders.attacks.core import AttackName, Ball, TargetModel, misclassified, predict_logits
+from graders.attacks.suite import SuiteKind, SuiteParams, run_suite
 from graders.datasets import images_to_tensor, load_cifar10, make_synthetic
 from graders.defense_models import NormalizationName, load_defense, parse_manifest
 from graders.threat_model import Norm

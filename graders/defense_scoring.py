@@ -15,7 +15,7 @@ from torch import nn
 
 from graders.attack_scoring import default_device
 from graders.attacks.apgd import APGD, ApgdLoss
-from graders.attacks.core import Ball, TargetModel
+from graders.attacks.core import Ball, TargetModel, fraction_true, predict_logits
 from graders.attacks.masking import (
     Flag,
     FlagCode,
@@ -33,7 +33,6 @@ from graders.attacks.suite import (
     SuiteKind,
     SuiteParams,
     SuiteReport,
-    predict_logits,
     run_suite,
 )
 from graders.datasets import images_to_tensor
@@ -112,11 +111,6 @@ class DefenseReport(BaseModel):
     evaluator_version: str = DEFENSE_EVALUATOR_VERSION
 
 
-def _fraction(mask: torch.Tensor) -> float:
-    """The share of true entries, computed exactly from counts (no float32 mean)."""
-    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
-
-
 def default_attack_batch_size(device: torch.device) -> int:
     """Attack batches: large on a GPU (halved on out-of-memory), 100 on a CPU."""
     return 512 if device.type == "cuda" else 100
@@ -160,9 +154,9 @@ def evaluate_defense(
     randomized = determinism is not None
     if determinism is not None:
         flags.append(determinism)
-    for flag in (check_logits(model, probe_x, batch_size=batch_size),):
-        if flag is not None:
-            flags.append(flag)
+    probabilities = check_logits(model, probe_x, batch_size=batch_size)
+    if probabilities is not None:
+        flags.append(probabilities)
     flags.extend(check_gradients(model, probe_x, probe_y, batch_size=batch_size))
 
     kinds = config.suites()
@@ -170,7 +164,7 @@ def evaluate_defense(
         kinds = [SuiteKind.RAND]
 
     clean_logits = predict_logits(TargetModel(model), x, batch_size)
-    clean_accuracy = _fraction(clean_logits.argmax(1) == y)
+    clean_accuracy = fraction_true(clean_logits.argmax(1) == y)
     suites: dict[str, SuiteReport] = {}
     robust_everywhere = torch.ones(len(y), dtype=torch.bool)
     last_adv = x
@@ -221,7 +215,7 @@ def evaluate_defense(
             seed=config.seed,
             batch_size=batch_size,
         )
-        sweep_clean = _fraction(clean_logits[:count].argmax(1) == y[:count])
+        sweep_clean = fraction_true(clean_logits[:count].argmax(1) == y[:count])
         flags.extend(check_eps_sweep(sweep, clean_accuracy=sweep_clean))
 
     low = check_clean_accuracy(clean_accuracy, config.min_clean_accuracy)
@@ -246,7 +240,7 @@ def evaluate_defense(
         score=leaderboard.robust_accuracy,
         clean_accuracy=clean_accuracy,
         robust_accuracy=leaderboard.robust_accuracy,
-        final_robust_accuracy=_fraction(robust_everywhere),
+        final_robust_accuracy=fraction_true(robust_everywhere),
         leaderboard_suite=leaderboard.suite,
         final_suite=final.suite,
         suites=suites,

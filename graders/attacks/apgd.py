@@ -18,13 +18,14 @@ from graders.attacks.core import (
     Ball,
     LossFn,
     TargetModel,
+    check_positive_int,
     cross_entropy,
     dlr,
     misclassified,
     targeted_dlr,
     top_targets,
 )
-from graders.attacks.pgd import Candidates, ascent_direction, check_positive_int
+from graders.attacks.pgd import Candidates, ascent_direction
 
 MOMENTUM = 0.75
 """Weight of the new projected gradient step against the previous update (alpha in the paper)."""

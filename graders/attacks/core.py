@@ -38,6 +38,26 @@ class AttackName(StrEnum):
     SQUARE = "square"
 
 
+def lp_norms(delta: Tensor, norm: Norm) -> Tensor:
+    """Per-point size of a perturbation batch: largest absolute entry (L-inf) or L2 norm."""
+    flat = delta.flatten(1)
+    if norm is Norm.LINF:
+        return flat.abs().amax(dim=1)
+    return flat.norm(p=2, dim=1)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (bools refused), else ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def fraction_true(mask: Tensor) -> float:
+    """The share of true entries, computed exactly from counts (no float32 mean); 0 if empty."""
+    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
+
+
 @dataclass(frozen=True)
 class Ball:
     """The feasible set around each clean image: an ``norm`` ball of radius ``eps`` on the [0, 1]
@@ -62,10 +82,7 @@ class Ball:
 
     def norms(self, delta: Tensor) -> Tensor:
         """Per-point size of a perturbation batch in this ball's norm."""
-        flat = delta.flatten(1)
-        if self.norm is Norm.LINF:
-            return flat.abs().amax(dim=1)
-        return flat.norm(p=2, dim=1)
+        return lp_norms(delta, self.norm)
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """The nearest point of the ball (L-inf: clipping; L2: radial rescaling), then the box.
@@ -334,6 +351,12 @@ class Attack(ABC):
         """The attack's name and parameters, stored with every result."""
         params = {k: v for k, v in vars(self).items() if not k.startswith("_")}
         return {"name": self.name.value, **params}
+
+
+def predict_logits(model: TargetModel, x: Tensor, batch_size: int) -> Tensor:
+    """fp32 logits of ``x`` (on the model's device) in batches; verification precision."""
+    parts = [model.verify_logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, 10, device=x.device)
 
 
 def misclassified(logits: Tensor, y: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ from graders.attacks.core import (
     Ball,
     LossFn,
     TargetModel,
+    check_positive_int,
+    lp_norms,
     misclassified,
     normal,
     top_targets,
@@ -129,9 +131,9 @@ class FABTargeted(Attack):
         eta: float = 1.05,
         beta: float = 0.9,
     ) -> None:
-        self.n_targets = _positive_int("n_targets", n_targets)
-        self.iterations = _positive_int("iterations", iterations)
-        self.restarts = _positive_int("restarts", restarts)
+        self.n_targets = check_positive_int("n_targets", n_targets)
+        self.iterations = check_positive_int("iterations", iterations)
+        self.restarts = check_positive_int("restarts", restarts)
         self.alpha_max = _real("alpha_max", alpha_max, "in [0, 1]", lambda v: 0 <= v <= 1)
         self.eta = _real("eta", eta, ">= 1", lambda v: v >= 1)
         self.beta = _real("beta", beta, "in (0, 1]", lambda v: 0 < v <= 1)
@@ -195,7 +197,7 @@ class FABTargeted(Attack):
             step_orig = hyperplane_box_projection(
                 flat_x, w, -value - (w * (flat_x - flat)).sum(dim=1), norm
             )
-            size, size_orig = _norms(step, norm), _norms(step_orig, norm)
+            size, size_orig = lp_norms(step, norm), lp_norms(step_orig, norm)
             alpha = (size / (size + size_orig).clamp_min(_TINY)).clamp(max=self.alpha_max)
             alpha = alpha[:, None]
             moved = (1 - alpha) * (flat + self.eta * step) + alpha * (flat_x + self.eta * step_orig)
@@ -216,16 +218,11 @@ def _target_margin(y: Tensor, target: Tensor) -> LossFn:
     return loss
 
 
-def _norms(delta: Tensor, norm: Norm) -> Tensor:
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm is Norm.LINF else flat.norm(p=2, dim=1)
-
-
 def _keep_smaller(
     best: Tensor, best_norm: Tensor, candidate: Tensor, x: Tensor, adversarial: Tensor, norm: Norm
 ) -> None:
     """Record, in place, adversarial candidates smaller than the best so far."""
-    norms = _norms(candidate - x, norm)
+    norms = lp_norms(candidate - x, norm)
     better = adversarial & (norms < best_norm)
     best[better] = candidate[better]
     best_norm[better] = norms[better]
@@ -237,14 +234,8 @@ def _sphere_point(x: Tensor, radius: Tensor, norm: Norm, generator: torch.Genera
         direction = uniform(x.shape, generator, x.device) * 2 - 1
     else:
         direction = normal(x.shape, generator, x.device)
-    direction = direction / _norms(direction, norm).clamp_min(_TINY).view(-1, 1, 1, 1)
+    direction = direction / lp_norms(direction, norm).clamp_min(_TINY).view(-1, 1, 1, 1)
     return (x + radius.view(-1, 1, 1, 1) * direction).clamp(0.0, 1.0)
-
-
-def _positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _real(name: str, value: float, where: str, accept: Callable[[float], bool]) -> float:

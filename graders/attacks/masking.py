@@ -22,9 +22,12 @@ from graders.attacks.core import (
     Attack,
     Ball,
     TargetModel,
+    check_positive_int,
     cross_entropy,
     eval_mode,
+    fraction_true,
     misclassified,
+    predict_logits,
 )
 from graders.threat_model import Norm
 
@@ -129,7 +132,7 @@ def check_determinism(
     passes by more than ``tolerance`` (absolute): a randomized model needs Expectation over
     Transformation, and plain gradient attacks overstate its robustness."""
     _check_images(x)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
         raise ValueError(f"passes must be an integer >= 2, got {passes!r}")
     if not math.isfinite(tolerance) or tolerance < 0:
@@ -139,7 +142,7 @@ def check_determinism(
         return None
     target = TargetModel(model)
     with eval_mode(model), _fixed_global_rng(x.device):
-        runs = [_logits(target, x, batch_size) for _ in range(passes)]
+        runs = [predict_logits(target, x, batch_size) for _ in range(passes)]
     first = runs[0]
     moved = torch.zeros(n, dtype=torch.bool, device=x.device)
     relabelled = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -152,8 +155,8 @@ def check_determinism(
         largest = max(largest, float(torch.where(close, 0.0, difference).max()))
     if not bool(moved.any()):
         return None
-    moved_share = _share(moved)
-    relabelled_share = _share(relabelled)
+    moved_share = fraction_true(moved)
+    relabelled_share = fraction_true(relabelled)
     message = (
         f"Your model's outputs change between identical forward passes: over {passes} passes in "
         f"eval mode on the same {n} clean test points, the logits of {_percent(moved_share)} of "
@@ -195,8 +198,8 @@ def check_batch_consistency(
     if len(batch_sizes) != 2:
         raise ValueError(f"batch_sizes must be two batch sizes, got {batch_sizes!r}")
     first_size, second_size = batch_sizes
-    _check_positive_int("batch_sizes[0]", first_size)
-    _check_positive_int("batch_sizes[1]", second_size)
+    check_positive_int("batch_sizes[0]", first_size)
+    check_positive_int("batch_sizes[1]", second_size)
     if first_size == second_size:
         raise ValueError(f"batch_sizes must differ, got {batch_sizes!r}")
     n = x.shape[0]
@@ -204,9 +207,9 @@ def check_batch_consistency(
         return None
     target = TargetModel(model)
     with eval_mode(model), _fixed_global_rng(x.device):
-        first = _logits(target, x, first_size).argmax(dim=1)
-        second = _logits(target, x, second_size).argmax(dim=1)
-        repeat = _logits(target, x, first_size).argmax(dim=1)
+        first = predict_logits(target, x, first_size).argmax(dim=1)
+        second = predict_logits(target, x, second_size).argmax(dim=1)
+        repeat = predict_logits(target, x, first_size).argmax(dim=1)
     if bool((repeat != first).any()):
         return None
     differs = first != second
@@ -245,13 +248,13 @@ def check_logits(model: nn.Module, x: Tensor, *, batch_size: int = 100) -> Flag 
     per-row constant, which changes neither predictions nor the attacks' losses.
     """
     _check_images(x)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     n = x.shape[0]
     if n == 0:
         return None
     target = TargetModel(model)
     with eval_mode(model), _fixed_global_rng(x.device):
-        outputs = _logits(target, x, batch_size).double()
+        outputs = predict_logits(target, x, batch_size).double()
     if not bool(torch.isfinite(outputs).all()) or float(outputs.min()) < 0:
         return None
     deviation = float((outputs.sum(dim=1) - 1).abs().max())
@@ -285,7 +288,7 @@ def check_gradients(
     more than ``max_zero_share`` of the points have an all-zero gradient (or the output is not
     connected to the input in the autograd graph at all)."""
     _check_images(x)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     _check_fraction("max_zero_share", max_zero_share)
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must hold one label per image, got {tuple(y.shape)}")
@@ -308,7 +311,7 @@ def check_gradients(
     bad_outputs = torch.cat(bad_output_parts)
     flags = []
     if bool(nonfinite.any()):
-        count, share = int(nonfinite.sum()), _share(nonfinite)
+        count, share = int(nonfinite.sum()), fraction_true(nonfinite)
         outputs_note = (
             f" The outputs themselves are NaN or infinite at {int(bad_outputs.sum())} of them."
             if bool(bad_outputs.any())
@@ -334,7 +337,7 @@ def check_gradients(
                 },
             )
         )
-    zero_share = _share(zero)
+    zero_share = fraction_true(zero)
     if zero_share > max_zero_share + _SLACK:
         count = int(zero.sum())
         message = (
@@ -472,7 +475,7 @@ def eps_sweep(
     """
     norm = Norm(norm)
     _check_images(x)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must hold one label per image, got {tuple(y.shape)}")
     eps_list = [float(eps) for eps in eps_values]
@@ -643,11 +646,6 @@ def _chunks(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _logits(target: TargetModel, x: Tensor, batch_size: int) -> Tensor:
-    """fp32 outputs for all of ``x``, ``batch_size`` images per forward pass."""
-    return torch.cat([target.verify_logits(x[rows]) for rows in _chunks(x.shape[0], batch_size)])
-
-
 def _gradient_reaches_input(module: nn.Module, x: Tensor) -> bool:
     """Whether the output depends on the input in the autograd graph at all (it does not when
     preprocessing runs in NumPy, under ``torch.no_grad()`` or after ``.detach()``)."""
@@ -703,10 +701,6 @@ def _eps_seed(seed: int, eps: float) -> int:
     return (seed * 1_000_003 + round(eps * 1000)) % 2**63
 
 
-def _share(mask: Tensor) -> float:
-    return int(mask.sum()) / mask.numel() if mask.numel() else 0.0
-
-
 def _percent(fraction: float) -> str:
     """0.96 -> "96%", 0.455 -> "45.5%"."""
     return f"{100 * fraction:.1f}".removesuffix(".0") + "%"
@@ -726,11 +720,6 @@ def _check_images(x: Tensor) -> None:
         raise ValueError(
             f"expected a float NCHW batch in [0, 1], got shape {tuple(x.shape)} and {x.dtype}"
         )
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_fraction(name: str, value: float) -> None:

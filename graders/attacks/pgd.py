@@ -15,17 +15,11 @@ from graders.attacks.core import (
     AttackName,
     Ball,
     TargetModel,
+    check_positive_int,
     cross_entropy,
     misclassified,
 )
 from graders.threat_model import Norm
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """``value`` if it is an int >= 1 (bools refused), else ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return value
 
 
 def ascent_direction(grad: Tensor, norm: Norm) -> Tensor:

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from graders.attacks.apgd import APGD, ApgdLoss, APGDTargeted
-from graders.attacks.core import Attack, Ball, TargetModel, eval_mode, misclassified
+from graders.attacks.core import (
+    Attack,
+    Ball,
+    TargetModel,
+    eval_mode,
+    misclassified,
+    predict_logits,
+)
 from graders.attacks.fab import FABTargeted
 from graders.attacks.pgd import PGD
 from graders.attacks.square import Square
@@ -135,12 +142,6 @@ def _chunk_seed(seed: int, attack_index: int, first_point: int) -> int:
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def predict_logits(model: TargetModel, x: Tensor, batch_size: int) -> Tensor:
-    """fp32 logits of ``x`` (on the model's device) in batches; verification precision."""
-    parts = [model.verify_logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, 10, device=x.device)
 
 
 def run_suite(
