@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tomllib
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from graders.architectures import Architecture
 from graders.defense_scoring import DefenseEvalConfig
 from graders.preprocessing import PreprocessingKind
 from graders.threat_model import Norm, ThreatModel
+from graders.version import DEFENSE_EVALUATOR_VERSION, EVALUATOR_VERSION
 
 SPEC_FILE_NAMES = ("assignment.toml", "assignment.yaml", "assignment.yml")
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -249,6 +252,30 @@ class PhaseSpec(_Spec):
 
     def is_open(self, now: datetime) -> bool:
         return self.opens_at <= now < self.due_at
+
+    @property
+    def evaluator_version(self) -> str:
+        return DEFENSE_EVALUATOR_VERSION if self.track is Track.DEFENSE else EVALUATOR_VERSION
+
+    @property
+    def scoring_key(self) -> str:
+        """A hash of everything that decides a score in this phase: the evaluator version, the
+        threat model, the pinned data and hidden-model hashes and the defense evaluation settings.
+        Two scores with the same key and the same uploaded file are the same score."""
+        decisive = self.model_dump(
+            mode="json",
+            include={
+                "track",
+                "threat_model",
+                "evaluation_set",
+                "hidden_models",
+                "defense",
+                "metric",
+            },
+        )
+        decisive["evaluator_version"] = self.evaluator_version
+        encoded = json.dumps(decisive, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(encoded).hexdigest()
 
 
 class AssignmentSpec(_Spec):

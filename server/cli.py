@@ -225,6 +225,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
             manifest=args.manifest,
             report=print_progress,
         )
+        if submission.get("reused"):
+            print(
+                "this file was already scored in this phase; its earlier result is reused "
+                "(nothing charged)",
+                flush=True,
+            )
         print(f"submission {submission['id']}: {_describe(submission)}", flush=True)
         if args.wait:
             last = ""

@@ -142,6 +142,9 @@ class Submission(Base):
         _enum(FailureCause, "failure_cause", length=32), nullable=True
     )
     evaluator_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    scoring_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Scored submissions: :attr:`server.assignments.PhaseSpec.scoring_key` of the phase as the
+    worker read it; an identical upload under the same key reuses this score."""
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

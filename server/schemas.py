@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ThreatModelPublic(BaseModel):
@@ -104,6 +104,11 @@ class SubmissionPublic(BaseModel):
     error_log: str | None = None
     evaluator_version: str | None
     attempts: int
+    reused: bool = Field(
+        default=False,
+        description="set in the answer to an upload identical to one already scored in this "
+        "phase: that earlier submission is returned, and nothing is charged",
+    )
 
 
 class SubmissionsPublic(BaseModel):

@@ -181,7 +181,7 @@ def _grade(
         submission = session.get(Submission, submission_id)
         if submission is None:
             raise GraderError(f"submission {submission_id} disappeared")
-        return grade_defense(
+        results = grade_defense(
             session=session,
             settings=settings,
             assignment=assignment,
@@ -189,7 +189,10 @@ def _grade(
             submission=submission,
             report_progress=lambda state: _set_progress(session, submission_id, token, state),
         )
-    return _grade_attack(session, settings, submission_id, token, claim, assignment, phase)
+    else:
+        results = _grade_attack(session, settings, submission_id, token, claim, assignment, phase)
+    results["scoring_key"] = phase.scoring_key
+    return results
 
 
 def _grade_attack(
@@ -332,6 +335,7 @@ def run_scoring(
             score=results["score"],
             results=results,
             evaluator_version=results["evaluator_version"],
+            scoring_key=results["scoring_key"],
         )
         if recorded:
             _request_transfer(settings, claim, submission_id)

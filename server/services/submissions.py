@@ -7,6 +7,7 @@ import logging
 import shutil
 import uuid
 from datetime import datetime, time, timedelta
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import func, select
@@ -66,15 +67,18 @@ def quota(
     )
 
 
-def _check_window_and_quota(
-    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec, now: datetime
-) -> None:
+def _check_window(assignment: AssignmentSpec, phase: PhaseSpec, now: datetime) -> None:
     if not phase.is_open(now):
         raise PhaseClosed(
             f"Phase {phase.id!r} accepts submissions from {_local(phase.opens_at, assignment)} "
             f"to {_local(phase.due_at, assignment)}; it is closed now.",
             {"opens_at": phase.opens_at.isoformat(), "due_at": phase.due_at.isoformat()},
         )
+
+
+def _check_quota(
+    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec, now: datetime
+) -> None:
     used = quota(session=session, user=user, assignment=assignment, phase=phase, now=now)
     if used.max_total is not None and used.used_total >= used.max_total:
         raise QuotaExceeded(
@@ -113,6 +117,39 @@ def upload_limit(*, settings: Settings, phase: PhaseSpec) -> int:
     return min(phase_limit, settings.max_upload_bytes)
 
 
+class Accepted(NamedTuple):
+    submission: Submission
+    reused: bool
+    """True when ``submission`` is an earlier, already scored submission of the same file."""
+
+
+def find_reusable(
+    session: Session,
+    *,
+    user: User,
+    phase: PhaseSpec,
+    assignment: AssignmentSpec,
+    file_sha256: str,
+    manifest: DefenseManifest | None,
+) -> Submission | None:
+    """The user's earliest scored submission of the same bytes (and the same manifest) to this
+    phase, scored under the phase's current scoring key; ``None`` if there is none."""
+    wanted = manifest.model_dump(mode="json") if manifest is not None else None
+    candidates = session.scalars(
+        select(Submission)
+        .where(
+            Submission.user_id == user.id,
+            Submission.assignment_slug == assignment.slug,
+            Submission.phase_id == phase.id,
+            Submission.file_sha256 == file_sha256,
+            Submission.status == SubmissionStatus.SCORED,
+            Submission.scoring_key == phase.scoring_key,
+        )
+        .order_by(Submission.created_at)
+    )
+    return next((row for row in candidates if row.manifest == wanted), None)
+
+
 def create_submission(
     *,
     session: Session,
@@ -122,16 +159,31 @@ def create_submission(
     phase: PhaseSpec,
     upload: StoredUpload,
     manifest: DefenseManifest | None = None,
-) -> Submission:
+) -> Accepted:
     """Accept a batch or a checkpoint: nothing is stored or charged unless every check passes.
 
-    A checkpoint is loaded strictly into its declared architecture here, so a wrong one is
-    refused at once; what is stored for the worker is a safetensors copy of the loaded weights.
-    The row is committed before the task is sent (a worker never sees an uncommitted row); if the
-    broker is unreachable the submission stays queued and is sent later.
+    A file the user already had scored in this phase (same bytes, same manifest, same scoring
+    key) is not graded again: the earlier submission is returned, nothing new is stored and the
+    quota is not charged. A checkpoint is loaded strictly into its declared architecture here, so
+    a wrong one is refused at once; what is stored for the worker is a safetensors copy of the
+    loaded weights. The row is committed before the task is sent (a worker never sees an
+    uncommitted row); if the broker is unreachable the submission stays queued and is sent later.
     """
     try:
-        _check_window_and_quota(session, user, assignment, phase, utcnow())
+        now = utcnow()
+        _check_window(assignment, phase, now)
+        previous = find_reusable(
+            session,
+            user=user,
+            phase=phase,
+            assignment=assignment,
+            file_sha256=upload.sha256,
+            manifest=manifest,
+        )
+        if previous is not None:
+            log.info("upload by %s is identical to scored %s", user.username, previous.id)
+            return Accepted(previous, reused=True)
+        _check_quota(session, user, assignment, phase, now)
         submission_id = uuid.uuid4().hex
         directory = settings.upload_path / assignment.slug / phase.id
         if phase.track is Track.DEFENSE:
@@ -173,7 +225,7 @@ def create_submission(
         raise
     enqueue(session, settings, submission.id)
     session.refresh(submission)
-    return submission
+    return Accepted(submission, reused=False)
 
 
 def scored_in_phase(session: Session, assignment_slug: str, phase_id: str) -> list[Submission]:

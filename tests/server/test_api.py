@@ -232,3 +232,32 @@ def test_unknown_phase_and_assignment_are_404_with_hints(
     assert phase.status_code == 404 and PHASE in phase.json()["error"]["message"]
     missing = client.get("/api/v1/assignments/nope", headers=accounts["alice"].headers)
     assert missing.status_code == 404
+
+
+def test_identical_file_already_scored_reuses_the_result_without_charging(
+    client: TestClient, accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    content = npy_bytes(perturbed(artifacts.eval_set.images))
+    first = submit(client, accounts["alice"], content).json()
+    while_queued = submit(client, accounts["alice"], content)  # not scored yet: a new submission
+    assert while_queued.status_code == 202 and while_queued.json()["id"] != first["id"]
+    assert run_scoring(first["id"], settings=settings, session_factory=db) is Outcome.SCORED
+    used = client.get(f"{BASE}/quota", headers=accounts["alice"].headers).json()["used_total"]
+
+    again = submit(client, accounts["alice"], content, name="renamed.npy")
+    assert again.status_code == 200, again.text
+    body = again.json()
+    assert body["reused"] is True and body["id"] == first["id"] and body["status"] == "scored"
+    assert count_rows(settings) == 2
+    quota = client.get(f"{BASE}/quota", headers=accounts["alice"].headers).json()
+    assert quota["used_total"] == used
+    assert not list((settings.upload_path / "incoming").glob("*"))
+
+    other_student = submit(client, accounts["bob"], content)  # reuse is per student
+    assert other_student.status_code == 202 and other_student.json()["reused"] is False
+
+    with db() as session:  # scored under another evaluator or hidden model: graded again
+        session.get(Submission, first["id"]).scoring_key = "0" * 64
+        session.commit()
+    regraded = submit(client, accounts["alice"], content)
+    assert regraded.status_code == 202 and regraded.json()["id"] != first["id"]

@@ -244,3 +244,19 @@ def test_the_catalog_and_the_check_command_refuse_a_limit_past_the_visibility_ti
         assert cli.main(["assignments", "check", str(settings.assignments_dir)]) == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_scoring_key_follows_what_decides_a_score_and_nothing_else(
+    tmp_path: Path, artifacts: Artifacts
+) -> None:
+    def key(text: str) -> str:
+        write_spec(tmp_path, text)
+        return load_assignment(tmp_path / "course").phases[0].scoring_key
+
+    base = spec_toml(artifacts)
+    same = key(base)
+    assert key(base.replace('title = "Attack"', 'title = "Renamed"')) == same
+    assert key(base.replace("max_upload_mb = 1", "max_upload_mb = 2")) == same
+    assert key(base.replace("eps = 8", "eps = 4")) != same
+    assert key(base.replace("quality = 75", "quality = 60")) != same
+    assert key(base.replace(artifacts.weights["net-a"], "f" * 64)) != same

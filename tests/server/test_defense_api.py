@@ -23,6 +23,7 @@ from tests.conftest import DEFENSE_PHASE, PHASE, SLUG, Account, Artifacts, spec_
 
 BASE = f"/api/v1/assignments/{SLUG}/phases/{DEFENSE_PHASE}"
 CIFAR = {"architecture": "resnet20", "normalization": "cifar10"}
+PLAIN = {"architecture": "resnet20", "normalization": "none"}
 
 
 @pytest.fixture
@@ -290,3 +291,21 @@ def test_transfer_matrix_shows_students_only_their_own_rows(
         f"/api/v1/assignments/{SLUG}/phases/{PHASE}/transfer", headers=accounts["ta"].headers
     )
     assert attack_phase.status_code == 404
+
+
+def test_identical_checkpoint_reuses_its_score_only_under_the_same_manifest(
+    client: TestClient, accounts: dict[str, Account], settings, tmp_path: Path
+) -> None:
+    content = safetensors_bytes(build_model(Architecture.RESNET20), tmp_path)
+    first = upload(client, accounts["alice"], content, "model.safetensors", **CIFAR).json()
+    phase = client.app.state.catalog.assignments[SLUG].phase(DEFENSE_PHASE)
+    with session_factory_for(settings.db_url)() as session:  # as the worker records a score
+        row = session.get(Submission, first["id"])
+        row.status, row.score, row.scoring_key = SubmissionStatus.SCORED, 0.4, phase.scoring_key
+        session.commit()
+
+    again = upload(client, accounts["alice"], content, "same.safetensors", **CIFAR)
+    assert again.status_code == 200 and again.json()["reused"] is True
+    assert again.json()["id"] == first["id"] and again.json()["score"] == 0.4
+    plain = upload(client, accounts["alice"], content, "m.safetensors", **PLAIN)
+    assert plain.status_code == 202 and plain.json()["id"] != first["id"]

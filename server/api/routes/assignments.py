@@ -95,6 +95,7 @@ def submit(
     session: SessionDep,
     user: CurrentUser,
     request: Request,
+    response: Response,
     file: Annotated[
         UploadFile,
         File(
@@ -110,8 +111,9 @@ def submit(
         UploadFile | None, File(description="defense: JSON manifest instead of the form fields")
     ] = None,
 ) -> SubmissionPublic:
-    """Upload an attack batch or a defense checkpoint; 202 with the queued submission, or a 4xx
-    naming the problem (nothing is stored or counted then)."""
+    """Upload an attack batch or a defense checkpoint; 202 with the queued submission, 200 with
+    the earlier submission (`reused: true`) when the same file was already scored in this phase,
+    or a 4xx naming the problem (nothing is stored or counted then)."""
     phase = catalog.phase(assignment, phase_id)
     parsed = _defense_manifest(phase, architecture, normalization, mean, std, manifest)
     limit = submissions.upload_limit(settings=settings, phase=phase)
@@ -128,7 +130,7 @@ def submit(
         limit=limit,
         directory=settings.upload_path / "incoming",
     )
-    submission = submissions.create_submission(
+    accepted = submissions.create_submission(
         session=session,
         settings=settings,
         user=user,
@@ -137,7 +139,10 @@ def submit(
         upload=upload,
         manifest=parsed,
     )
-    return submissions.to_public(session, submission, viewer=user)
+    if accepted.reused:
+        response.status_code = 200
+    public = submissions.to_public(session, accepted.submission, viewer=user)
+    return public.model_copy(update={"reused": accepted.reused})
 
 
 def _defense_manifest(
