@@ -283,6 +283,10 @@ class AssignmentSpec(_Spec):
     title: str = Field(min_length=1)
     description: str = ""
     timezone: str = "UTC"
+    public_leaderboard: bool = Field(
+        default=False,
+        description="anyone may read the leaderboards (API and page) without logging in",
+    )
     phases: list[PhaseSpec] = Field(min_length=1)
 
     _folder: Path = PrivateAttr(default=Path("."))

@@ -55,9 +55,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     path = settings.home / "demo-credentials.json"
     print(f"\nDemo course ready. Credentials written to {path}:")
     print(f"  URL:        {credentials['base_url']}  (API docs: {credentials['base_url']}/docs)")
-    print(f"  TA:         {credentials['ta']['username']}  token {credentials['ta']['token']}")
-    for student in credentials["students"]:
-        print(f"  student:    {student['username']}  token {student['token']}")
+    print(f"  log in at:  {credentials['login_url']}")
+    for role, account in [("TA", credentials["ta"])] + [
+        ("student", student) for student in credentials["students"]
+    ]:
+        print(
+            f"  {role + ':':<11} {account['username']}  password {account['password']}  "
+            f"token {account['token']}"
+        )
     print(f"  assignment: {credentials['assignment']}, attack phase: {credentials['attack_phase']}")
     print(
         "\nSubmit as alice:  export AUTOGRADER_URL=... AUTOGRADER_TOKEN=...; "
@@ -96,7 +101,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     from server.db import session_factory_for
     from server.migrations import upgrade
     from server.models import Role
-    from server.security import create_user, issue_token
+    from server.security import WeakPassword, create_user, issue_token, set_password
 
     settings = get_settings()
     upgrade(settings.db_url)
@@ -104,9 +109,43 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         user = create_user(
             session, username=args.username, role=Role(args.role), pseudonym=args.pseudonym
         )
+        if args.password is not None:
+            try:
+                set_password(user, args.password)
+            except WeakPassword as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         token = issue_token(session, user=user, secret_key=settings.secret_key)
         session.commit()
     print(json.dumps({"username": args.username, "role": args.role, "token": token}))
+    return 0
+
+
+def cmd_user_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from sqlalchemy import select
+
+    from server.db import session_factory_for
+    from server.models import User
+    from server.security import WeakPassword, set_password
+
+    password = args.password
+    if password is None:
+        password = getpass.getpass(f"new password for {args.username}: ")
+    settings = get_settings()
+    with session_factory_for(settings.db_url)() as session:
+        user = session.scalar(select(User).where(User.username == args.username))
+        if user is None:
+            print(f"error: no user {args.username!r}", file=sys.stderr)
+            return 1
+        try:
+            set_password(user, password)
+        except WeakPassword as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        session.commit()
+    print(f"password set for {args.username}; they can log in at {settings.public_url}/login")
     return 0
 
 
@@ -311,7 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--role", choices=["student", "ta", "instructor"], default="student")
     p.add_argument("--pseudonym")
+    p.add_argument("--password", help="for the web pages (at least 8 characters)")
     p.set_defaults(func=cmd_user_add)
+    p = users.add_parser("password", help="set a user's password for the web pages")
+    p.add_argument("username")
+    p.add_argument("--password", help="the new password (asked for when left out)")
+    p.set_defaults(func=cmd_user_password)
 
     tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="token", required=True)
     p = tokens.add_parser("create", help="issue a new API token for a user")

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         "hard time limit must stay below it",
     )
     torch_threads: int | None = Field(default=None, ge=1)
+    session_lifetime_s: float = Field(
+        default=8 * 3600, gt=0, description="a browser login lasts this long, then asks again"
+    )
+    secure_cookies: bool | None = Field(
+        default=None,
+        description="send the session cookie only over HTTPS; default: on in production",
+    )
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:
@@ -90,6 +97,8 @@ class Settings(BaseSettings):
             self.upload_dir = home / "uploads"
         if self.public_url is None:
             self.public_url = f"http://{self.host}:{self.port}"
+        if self.secure_cookies is None:
+            self.secure_cookies = self.environment is Environment.PRODUCTION
         if self.environment is Environment.PRODUCTION:
             if self.secret_key == DEFAULT_SECRET_KEY or len(self.secret_key) < 32:
                 raise ValueError(

@@ -8,6 +8,7 @@ labelled synthetic everywhere it is shown. A second run reuses what the first on
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,13 @@ from server.config import Settings
 from server.db import session_factory_for
 from server.migrations import upgrade
 from server.models import Role, User
-from server.security import create_user, issue_token, user_for_token
+from server.security import (
+    create_user,
+    issue_token,
+    set_password,
+    user_for_token,
+    verify_password,
+)
 
 DEMO_SLUG = "demo"
 ATTACK_PHASE = "attack"
@@ -266,38 +273,49 @@ def build_artifacts(settings: Settings, options: DemoOptions) -> None:
     _log(f"artifacts built in {time.perf_counter() - started:.0f} s")
 
 
-def _account(session: Any, settings: Settings, username: str, role: Role, token: str | None) -> str:
+def _account(
+    session: Any,
+    settings: Settings,
+    username: str,
+    role: Role,
+    previous: dict[str, Any],
+) -> dict[str, str]:
+    """The account's username, API token and password; a token or password from an earlier
+    build is kept while it still works."""
     user = session.query(User).filter_by(username=username).one_or_none()
     if user is None:
         user = create_user(session, username=username, role=role)
-    if token and (found := user_for_token(session, token=token, secret_key=settings.secret_key)):
-        if found.id == user.id:
-            return token
-    return issue_token(session, user=user, secret_key=settings.secret_key, name="demo")
+    token = previous.get("token")
+    found = user_for_token(session, token=token, secret_key=settings.secret_key) if token else None
+    if found is None or found.id != user.id:
+        token = issue_token(session, user=user, secret_key=settings.secret_key, name="demo")
+    password = previous.get("password")
+    if not password or not verify_password(user, password):
+        password = f"demo-{secrets.token_urlsafe(9)}"
+        set_password(user, password)
+    return {"username": username, "token": str(token), "password": password}
 
 
 def ensure_accounts(settings: Settings, credentials_path: Path) -> dict[str, Any]:
-    """One TA and three students with API tokens; existing valid tokens are kept."""
+    """One TA and three students with API tokens and passwords; existing ones are kept."""
     previous: dict[str, Any] = {}
     if credentials_path.is_file():
         previous = json.loads(credentials_path.read_text(encoding="utf-8"))
-    old_tokens = {previous.get("ta", {}).get("username"): previous.get("ta", {}).get("token")}
+    earlier = {previous.get("ta", {}).get("username"): previous.get("ta", {})}
     for student in previous.get("students", []):
-        old_tokens[student.get("username")] = student.get("token")
+        earlier[student.get("username")] = student
     upgrade(settings.db_url)
     with session_factory_for(settings.db_url)() as session:
-        ta_token = _account(session, settings, TA_USERNAME, Role.TA, old_tokens.get(TA_USERNAME))
+        ta = _account(session, settings, TA_USERNAME, Role.TA, earlier.get(TA_USERNAME, {}))
         students = [
-            {
-                "username": name,
-                "token": _account(session, settings, name, Role.STUDENT, old_tokens.get(name)),
-            }
+            _account(session, settings, name, Role.STUDENT, earlier.get(name, {}))
             for name in STUDENT_USERNAMES
         ]
         session.commit()
     credentials = {
         "base_url": settings.public_url,
-        "ta": {"username": TA_USERNAME, "token": ta_token},
+        "login_url": f"{settings.public_url}/login",
+        "ta": ta,
         "students": students,
         "assignment": DEMO_SLUG,
         "attack_phase": ATTACK_PHASE,

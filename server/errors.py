@@ -35,8 +35,16 @@ class Forbidden(ServiceError):
     status, code = 403, "forbidden"
 
 
+class CsrfFailed(ServiceError):
+    status, code = 403, "csrf_failed"
+
+
 class NotFound(ServiceError):
     status, code = 404, "not_found"
+
+
+class Conflict(ServiceError):
+    status, code = 409, "conflict"
 
 
 class PhaseClosed(ServiceError):

@@ -1,4 +1,5 @@
-"""ORM tables: users, API tokens, submissions, transfer results and worker heartbeats."""
+"""ORM tables: users, API tokens, web sessions, submissions, extensions, the audit log, transfer
+results and worker heartbeats."""
 
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[Role] = mapped_column(_enum(Role, "role"))
     pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    """argon2 hash; ``None`` until a password is set (API tokens work without one)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user")
@@ -111,6 +114,73 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class WebSession(Base):
+    """A browser login: the cookie holds a random value, the table only its HMAC."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    """Sent back by forms and by the pages' API calls (``X-CSRF-Token``)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    user: Mapped[User] = relationship()
+
+
+class Extension(Base):
+    """A later deadline for one student in one phase, granted by staff."""
+
+    __tablename__ = "extension"
+    __table_args__ = (UniqueConstraint("user_id", "assignment_slug", "phase_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    assignment_slug: Mapped[str] = mapped_column(String(64))
+    phase_id: Mapped[str] = mapped_column(String(64))
+    due_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reason: Mapped[str] = mapped_column(Text)
+    granted_by_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+    granted_by: Mapped[User] = relationship(foreign_keys=[granted_by_id])
+
+
+class AuditAction(StrEnum):
+    CANCEL = "cancel"
+    REGRADE = "regrade"
+    OVERRIDE = "override"
+    EXTENSION_GRANTED = "extension_granted"
+    EXTENSION_REVOKED = "extension_revoked"
+
+
+class AuditEvent(Base):
+    """One staff action (or a student's own cancel): who, when, on what, and why."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    actor_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="RESTRICT"), index=True)
+    action: Mapped[AuditAction] = mapped_column(_enum(AuditAction, "audit_action", length=32))
+    assignment_slug: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    phase_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    submission_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    subject_id: Mapped[int | None] = mapped_column(
+        ForeignKey("user.id", ondelete="RESTRICT"), nullable=True
+    )
+    """The student the action concerns."""
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+    actor: Mapped[User] = relationship(foreign_keys=[actor_id])
+    subject: Mapped[User | None] = relationship(foreign_keys=[subject_id])
 
 
 class Submission(Base):
@@ -142,6 +212,14 @@ class Submission(Base):
         _enum(FailureCause, "failure_cause", length=32), nullable=True
     )
     evaluator_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    score_override: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """A score set by staff (with a reason, in the audit log); it replaces ``score`` in rankings
+    and exports, and survives regrades until staff clear it."""
+    override_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    override_by_id: Mapped[int | None] = mapped_column(
+        ForeignKey("user.id", ondelete="RESTRICT"), nullable=True
+    )
+    override_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     scoring_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """Scored submissions: :attr:`server.assignments.PhaseSpec.scoring_key` of the phase as the
     worker read it; an identical upload under the same key reuses this score."""
@@ -152,7 +230,13 @@ class Submission(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
-    user: Mapped[User] = relationship()
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+    override_by: Mapped[User | None] = relationship(foreign_keys=[override_by_id])
+
+    @property
+    def final_score(self) -> float | None:
+        """The score that counts: staff's override when there is one, else the grader's."""
+        return self.score_override if self.score_override is not None else self.score
 
 
 class TransferResult(Base):

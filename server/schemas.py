@@ -40,7 +40,10 @@ class PhasePublic(BaseModel):
     track: str
     opens_at: datetime
     due_at: datetime
-    is_open: bool
+    your_due_at: datetime = Field(
+        description="your own deadline: due_at, or later when a TA granted you an extension"
+    )
+    is_open: bool = Field(description="whether you can submit now (your own deadline counts)")
     threat_model: ThreatModelPublic
     n_images: int | None
     synthetic_images: bool | None
@@ -81,6 +84,13 @@ class QuotaPublic(BaseModel):
     resets_at: datetime
 
 
+class ScoreOverridePublic(BaseModel):
+    score: float
+    reason: str
+    by: str | None = Field(default=None, description="the TA (shown to staff only)")
+    at: datetime
+
+
 class SubmissionPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -104,6 +114,10 @@ class SubmissionPublic(BaseModel):
     error_log: str | None = None
     evaluator_version: str | None
     attempts: int
+    final_score: float | None = Field(
+        default=None, description="the score that counts: a TA's override if any, else `score`"
+    )
+    override: ScoreOverridePublic | None = None
     reused: bool = Field(
         default=False,
         description="set in the answer to an upload identical to one already scored in this "
@@ -191,3 +205,52 @@ class TransferMatrixPublic(BaseModel):
     phase: str
     description: str
     rows: list[TransferRow]
+
+
+class ReasonIn(BaseModel):
+    reason: str = Field(default="", max_length=2000, description="recorded in the audit log")
+
+
+class RegradePhaseIn(ReasonIn):
+    only_failed: bool = Field(default=False, description="queue again only failed submissions")
+
+
+class OverrideIn(ReasonIn):
+    score: float | None = Field(description="the score that counts, 0..1; null clears it")
+
+
+class ExtensionIn(ReasonIn):
+    due_at: datetime = Field(description="the student's new deadline, with a UTC offset")
+
+
+class ExtensionPublic(BaseModel):
+    username: str
+    due_at: datetime
+    reason: str
+    granted_by: str
+    created_at: datetime
+
+
+class ExtensionsPublic(BaseModel):
+    data: list[ExtensionPublic]
+
+
+class RegradeCount(BaseModel):
+    queued: int
+
+
+class AuditEventPublic(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    assignment: str | None
+    phase: str | None
+    submission_id: str | None
+    subject: str | None
+    reason: str
+    details: dict[str, Any] | None
+
+
+class AuditLogPublic(BaseModel):
+    data: list[AuditEventPublic]

@@ -1,16 +1,23 @@
-"""Users and API tokens: tokens are random, shown once, and stored only as an HMAC."""
+"""Users, passwords, API tokens and web sessions.
+
+API tokens and session cookies are random, shown once, and stored only as an HMAC; passwords are
+stored as argon2 hashes.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+from datetime import timedelta
 
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.db import utcnow
-from server.models import ApiToken, Role, User
+from server.models import ApiToken, Role, User, WebSession
 
 TOKEN_PREFIX = "agt_"
 _ADJECTIVES = (
@@ -128,3 +135,73 @@ def revoke_tokens(session: Session, *, user: User) -> int:
             token.revoked_at = utcnow()
             count += 1
     return count
+
+
+MIN_PASSWORD_LENGTH = 8
+_hasher = PasswordHasher()
+_UNUSABLE_HASH = _hasher.hash(secrets.token_urlsafe(16))
+"""Verified against when the user is unknown, so a wrong username costs as long as a wrong
+password and timing does not tell which usernames exist."""
+
+
+class WeakPassword(ValueError):
+    """A password too short to set."""
+
+
+def set_password(user: User, password: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise WeakPassword(f"a password needs at least {MIN_PASSWORD_LENGTH} characters")
+    user.password_hash = _hasher.hash(password)
+
+
+def verify_password(user: User, password: str) -> bool:
+    if user.password_hash is None:
+        return False
+    try:
+        return _hasher.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def login(session: Session, *, username: str, password: str) -> User | None:
+    """The user whose password this is, or ``None`` (unknown user, no password or wrong one)."""
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None or user.password_hash is None:
+        try:
+            _hasher.verify(_UNUSABLE_HASH, password)
+        except VerificationError:
+            pass
+        return None
+    return user if verify_password(user, password) else None
+
+
+def start_session(
+    session: Session, *, user: User, secret_key: str, lifetime_s: float
+) -> tuple[str, WebSession]:
+    """A new browser session for ``user``: the raw cookie value (never stored) and its row
+    (added, not committed)."""
+    token = secrets.token_urlsafe(32)
+    row = WebSession(
+        user_id=user.id,
+        token_hash=hash_token(token, secret_key),
+        csrf_token=secrets.token_urlsafe(32),
+        expires_at=utcnow() + timedelta(seconds=lifetime_s),
+    )
+    session.add(row)
+    session.flush()
+    return token, row
+
+
+def session_for_cookie(session: Session, *, token: str, secret_key: str) -> WebSession | None:
+    """The live (unexpired, unrevoked) session whose cookie this is, or ``None``."""
+    return session.scalar(
+        select(WebSession).where(
+            WebSession.token_hash == hash_token(token, secret_key),
+            WebSession.revoked_at.is_(None),
+            WebSession.expires_at > utcnow(),
+        )
+    )
+
+
+def end_session(web_session: WebSession) -> None:
+    web_session.revoked_at = utcnow()

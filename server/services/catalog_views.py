@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Mapping
+from datetime import datetime
 
 from graders.attacks.suite import build_suite
 from graders.datasets import write_npz_download, write_png_zip
@@ -70,8 +72,14 @@ def dataset_bytes(*, settings: Settings, phase: PhaseSpec, fmt: str) -> bytes:
 
 
 def assignment_public(
-    *, assignment: AssignmentSpec, settings: Settings, base_url: str
+    *,
+    assignment: AssignmentSpec,
+    settings: Settings,
+    base_url: str,
+    deadlines: Mapping[str, datetime] | None = None,
 ) -> AssignmentPublic:
+    """The assignment as a student sees it; ``deadlines`` maps phase ids to the viewer's own
+    deadline where an extension moved it."""
     now = utcnow()
     phases = []
     for phase in assignment.phases:
@@ -81,6 +89,7 @@ def assignment_public(
             n_images, synthetic = len(eval_set), eval_set.synthetic
         except ArtifactError:
             n_images, synthetic = None, None
+        your_due = (deadlines or {}).get(phase.id, phase.due_at)
         phases.append(
             PhasePublic(
                 id=phase.id,
@@ -89,7 +98,8 @@ def assignment_public(
                 track=phase.track.value,
                 opens_at=phase.opens_at,
                 due_at=phase.due_at,
-                is_open=phase.is_open(now),
+                your_due_at=your_due,
+                is_open=phase.opens_at <= now < your_due,
                 threat_model=ThreatModelPublic(
                     norm=phase.threat_model.norm.value, eps=phase.threat_model.eps
                 ),

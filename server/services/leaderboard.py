@@ -43,14 +43,15 @@ class _Standing:
 
 
 def leaderboard(
-    *, session: Session, assignment: AssignmentSpec, phase: PhaseSpec, viewer: User
+    *, session: Session, assignment: AssignmentSpec, phase: PhaseSpec, viewer: User | None
 ) -> LeaderboardPublic:
-    """The phase's ranking; staff also see usernames and submission ids."""
+    """The phase's ranking by final score (a staff override replaces the grader's score); staff
+    also see usernames and submission ids, anonymous viewers (public boards) only pseudonyms."""
     rows = scored_in_phase(session, assignment.slug, phase.id)
     sign = -1.0 if phase.scoring_metric.higher_is_better else 1.0
     standings: dict[int, _Standing] = {}
     for row in rows:
-        if row.score is None:
+        if row.final_score is None:
             continue
         standing = standings.get(row.user_id)
         if standing is None:
@@ -58,23 +59,24 @@ def leaderboard(
             continue
         standing.count += 1
         standing.last_at = row.created_at
-        if sign * row.score < sign * (standing.best.score or 0.0):
+        if sign * (row.final_score or 0.0) < sign * (standing.best.final_score or 0.0):
             standing.best = row
     ordered = sorted(
-        standings.values(), key=lambda s: (sign * (s.best.score or 0.0), s.best.created_at)
+        standings.values(), key=lambda s: (sign * (s.best.final_score or 0.0), s.best.created_at)
     )
-    staff = viewer.role.is_staff
+    staff = viewer is not None and viewer.role.is_staff
+    viewer_id = viewer.id if viewer is not None else None
     entries = [
         LeaderboardEntry(
             rank=rank,
             pseudonym=s.user.pseudonym,
             username=s.user.username if staff else None,
-            score=float(s.best.score or 0.0),
-            submission_id=s.best.id if staff or s.user.id == viewer.id else None,
+            score=float(s.best.final_score or 0.0),
+            submission_id=s.best.id if staff or s.user.id == viewer_id else None,
             submissions=s.count,
             best_submitted_at=s.best.created_at,
             last_submitted_at=s.last_at,
-            is_you=s.user.id == viewer.id,
+            is_you=s.user.id == viewer_id,
         )
         for rank, s in enumerate(ordered, start=1)
     ]

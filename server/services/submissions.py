@@ -24,7 +24,8 @@ from server.db import utcnow
 from server.errors import NotFound, PhaseClosed, QuotaExceeded
 from server.models import Submission, SubmissionStatus, User
 from server.queue import enqueue
-from server.schemas import QuotaPublic, SubmissionPublic
+from server.schemas import QuotaPublic, ScoreOverridePublic, SubmissionPublic
+from server.services.deadlines import due_for
 from server.storage import StoredUpload
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,16 @@ def quota(
     )
 
 
-def _check_window(assignment: AssignmentSpec, phase: PhaseSpec, now: datetime) -> None:
-    if not phase.is_open(now):
+def _check_window(
+    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec, now: datetime
+) -> None:
+    due = due_for(session, user, assignment, phase)
+    if not phase.opens_at <= now < due:
+        extended = " (your extended deadline)" if due != phase.due_at else ""
         raise PhaseClosed(
             f"Phase {phase.id!r} accepts submissions from {_local(phase.opens_at, assignment)} "
-            f"to {_local(phase.due_at, assignment)}; it is closed now.",
-            {"opens_at": phase.opens_at.isoformat(), "due_at": phase.due_at.isoformat()},
+            f"to {_local(due, assignment)}{extended}; it is closed now.",
+            {"opens_at": phase.opens_at.isoformat(), "due_at": due.isoformat()},
         )
 
 
@@ -171,7 +176,7 @@ def create_submission(
     """
     try:
         now = utcnow()
-        _check_window(assignment, phase, now)
+        _check_window(session, user, assignment, phase, now)
         previous = find_reusable(
             session,
             user=user,
@@ -268,13 +273,16 @@ def list_submissions(
     assignment: str | None = None,
     phase: str | None = None,
     status: SubmissionStatus | None = None,
+    username: str | None = None,
     limit: int = 100,
     offset: int = 0,
 ) -> tuple[list[Submission], int]:
-    """The user's submissions (all of them for staff), newest first."""
+    """The user's submissions (all of them for staff, or one student's), newest first."""
     query = select(Submission)
     if not user.role.is_staff:
         query = query.where(Submission.user_id == user.id)
+    elif username:
+        query = query.join(User, User.id == Submission.user_id).where(User.username == username)
     if assignment:
         query = query.where(Submission.assignment_slug == assignment)
     if phase:
@@ -328,4 +336,18 @@ def to_public(session: Session, submission: Submission, *, viewer: User) -> Subm
         error_log=submission.error_log if staff else None,
         evaluator_version=submission.evaluator_version,
         attempts=submission.attempts,
+        final_score=submission.final_score,
+        override=_override_public(submission, staff=staff),
+    )
+
+
+def _override_public(submission: Submission, *, staff: bool) -> ScoreOverridePublic | None:
+    if submission.score_override is None or submission.override_at is None:
+        return None
+    by = submission.override_by
+    return ScoreOverridePublic(
+        score=submission.score_override,
+        reason=submission.override_reason or "",
+        by=by.username if staff and by is not None else None,
+        at=submission.override_at,
     )

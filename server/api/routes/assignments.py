@@ -16,7 +16,15 @@ from graders.defense_models import (
 )
 from graders.errors import SubmissionRejected
 from server.assignments import PhaseSpec, Track
-from server.deps import AssignmentDep, CatalogDep, CurrentUser, SessionDep, SettingsDep
+from server.deps import (
+    AssignmentDep,
+    CatalogDep,
+    CurrentUser,
+    OptionalUser,
+    SessionDep,
+    SettingsDep,
+    public_or_logged_in,
+)
 from server.errors import NotFound, UploadTooLarge
 from server.schemas import (
     AssignmentPublic,
@@ -28,6 +36,7 @@ from server.schemas import (
     TransferMatrixPublic,
 )
 from server.services import catalog_views, submissions
+from server.services.deadlines import due_for
 from server.services.leaderboard import leaderboard, transfer_matrix
 from server.storage import receive_upload
 
@@ -53,10 +62,17 @@ def list_assignments(catalog: CatalogDep, _: CurrentUser) -> AssignmentsPublic:
 
 @router.get("/{slug}", response_model=AssignmentPublic)
 def get_assignment(
-    assignment: AssignmentDep, settings: SettingsDep, request: Request
+    assignment: AssignmentDep,
+    settings: SettingsDep,
+    session: SessionDep,
+    user: CurrentUser,
+    request: Request,
 ) -> AssignmentPublic:
     return catalog_views.assignment_public(
-        assignment=assignment, settings=settings, base_url=str(request.base_url).rstrip("/")
+        assignment=assignment,
+        settings=settings,
+        base_url=str(request.base_url).rstrip("/"),
+        deadlines={p.id: due_for(session, user, assignment, p) for p in assignment.phases},
     )
 
 
@@ -196,12 +212,14 @@ def get_quota(
 
 @router.get("/{slug}/phases/{phase_id}/leaderboard", response_model=LeaderboardPublic)
 def get_leaderboard(
+    slug: str,
     phase_id: str,
-    assignment: AssignmentDep,
     catalog: CatalogDep,
     session: SessionDep,
-    user: CurrentUser,
+    user: OptionalUser,
 ) -> LeaderboardPublic:
+    """The phase's ranking; without a token only when the course makes leaderboards public."""
+    assignment = public_or_logged_in(catalog, slug, user)
     return leaderboard(
         session=session,
         assignment=assignment,

@@ -1,0 +1,31 @@
+"""Deadlines per student: the phase's, or a later one staff granted as an extension."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.assignments import AssignmentSpec, PhaseSpec
+from server.models import Extension, User
+
+
+def extension_for(
+    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec
+) -> Extension | None:
+    return session.scalar(
+        select(Extension).where(
+            Extension.user_id == user.id,
+            Extension.assignment_slug == assignment.slug,
+            Extension.phase_id == phase.id,
+        )
+    )
+
+
+def due_for(session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec) -> datetime:
+    """The user's own deadline for a phase: the phase's, or a later one granted to them."""
+    extension = extension_for(session, user, assignment, phase)
+    if extension is not None and extension.due_at > phase.due_at:
+        return extension.due_at
+    return phase.due_at
