@@ -149,6 +149,52 @@ def cmd_user_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roster_import(args: argparse.Namespace) -> int:
+    import csv
+
+    from server.db import session_factory_for
+    from server.errors import ServiceError
+    from server.migrations import upgrade
+    from server.services.accounts import import_roster
+
+    settings = get_settings()
+    upgrade(settings.db_url)
+    with session_factory_for(settings.db_url)() as session:
+        try:
+            imported = import_roster(
+                session,
+                actor=None,
+                content=args.file.read_bytes(),
+                secret_key=settings.secret_key,
+                lifetime_s=settings.invitation_lifetime_s,
+                reissue=args.reissue,
+            )
+        except ServiceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
+    out = args.out.open("w", newline="", encoding="utf-8") if args.out else sys.stdout
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["student_id", "name", "email", "invitation_code", "invite_url"])
+    for entry in imported:
+        url = f"{settings.public_url}/invite?code={entry.invitation_code}"
+        writer.writerow(
+            [entry.student_id, entry.name, entry.email, entry.invitation_code or ""]
+            + [url if entry.invitation_code else ""]
+        )
+    if args.out:
+        out.close()
+        args.out.chmod(0o600)
+    created = sum(entry.created for entry in imported)
+    codes = sum(entry.invitation_code is not None for entry in imported)
+    days = settings.invitation_lifetime_s / 86400
+    print(
+        f"{len(imported)} students ({created} new); {codes} invitation codes, valid {days:g} "
+        "days" + (f", written to {args.out}" if args.out else ""),
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_token_create(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
@@ -356,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username")
     p.add_argument("--password", help="the new password (asked for when left out)")
     p.set_defaults(func=cmd_user_password)
+
+    roster = sub.add_parser("roster", help="students").add_subparsers(dest="roster", required=True)
+    p = roster.add_parser(
+        "import", help="create students from a CSV (student_id,name,email) with invitation codes"
+    )
+    p.add_argument("file", type=Path)
+    p.add_argument("--out", type=Path, help="write the codes here (mode 600) instead of stdout")
+    p.add_argument("--reissue", action="store_true", help="new codes for students with passwords")
+    p.set_defaults(func=cmd_roster_import)
 
     tokens = sub.add_parser("token", help="API tokens").add_subparsers(dest="token", required=True)
     p = tokens.add_parser("create", help="issue a new API token for a user")

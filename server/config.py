@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     session_lifetime_s: float = Field(
         default=8 * 3600, gt=0, description="a browser login lasts this long, then asks again"
     )
+    invitation_lifetime_s: float = Field(
+        default=14 * 24 * 3600, gt=0, description="how long a roster invitation code works"
+    )
     secure_cookies: bool | None = Field(
         default=None,
         description="send the session cookie only over HTTPS; default: on in production",

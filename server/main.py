@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import RedirectResponse
 
-from server.api.routes import assignments, staff, submissions, system
+from server.api.routes import accounts, assignments, staff, submissions, system
 from server.catalog import Catalog
 from server.config import Settings, get_settings
 from server.db import session_factory_for
@@ -30,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory_for(settings.db_url)
     install_error_handlers(app)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (system, assignments, submissions, staff):
+    for module in (system, accounts, assignments, submissions, staff):
         api.include_router(module.router)
     app.include_router(api)
     app.include_router(system.metrics_router)

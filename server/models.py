@@ -96,6 +96,8 @@ class User(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[Role] = mapped_column(_enum(Role, "role"))
     pseudonym: Mapped[str] = mapped_column(String(64), unique=True)
+    full_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    email: Mapped[str | None] = mapped_column(String(255), nullable=True)
     password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
     """argon2 hash; ``None`` until a password is set (API tokens work without one)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
@@ -158,6 +160,45 @@ class AuditAction(StrEnum):
     OVERRIDE = "override"
     EXTENSION_GRANTED = "extension_granted"
     EXTENSION_REVOKED = "extension_revoked"
+    QUOTA_RAISED = "quota_raised"
+    ROSTER_IMPORTED = "roster_imported"
+
+
+class Invitation(Base):
+    """A one-time code a student uses to set their password; only its HMAC is stored."""
+
+    __tablename__ = "invitation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_by_id: Mapped[int | None] = mapped_column(
+        ForeignKey("user.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+
+
+class QuotaGrant(Base):
+    """Extra submissions for one student in one phase, granted by staff."""
+
+    __tablename__ = "quota_grant"
+    __table_args__ = (UniqueConstraint("user_id", "assignment_slug", "phase_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="CASCADE"), index=True)
+    assignment_slug: Mapped[str] = mapped_column(String(64))
+    phase_id: Mapped[str] = mapped_column(String(64))
+    extra_per_day: Mapped[int] = mapped_column(Integer, default=0)
+    extra_total: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str] = mapped_column(Text)
+    granted_by_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
 
 
 class AuditEvent(Base):

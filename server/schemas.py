@@ -254,3 +254,52 @@ class AuditEventPublic(BaseModel):
 
 class AuditLogPublic(BaseModel):
     data: list[AuditEventPublic]
+
+
+class PseudonymIn(BaseModel):
+    pseudonym: str = Field(description="3-32 characters: lowercase letters, digits and '-'")
+
+
+class TokenIn(BaseModel):
+    name: str = Field(default="token", max_length=64, description="what it is for, e.g. 'laptop'")
+
+
+class TokenPublic(BaseModel):
+    id: int
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class NewTokenPublic(TokenPublic):
+    token: str = Field(description="shown once; only its hash is stored")
+
+
+class TokensPublic(BaseModel):
+    data: list[TokenPublic]
+
+
+class InvitationIn(BaseModel):
+    code: str = Field(max_length=128)
+    password: str = Field(max_length=1024)
+    pseudonym: str | None = None
+
+
+class RosterStudentPublic(BaseModel):
+    student_id: str
+    name: str
+    email: str
+    created: bool
+    invitation_code: str | None = Field(description="shown once; null if they set a password")
+
+
+class RosterPublic(BaseModel):
+    students: list[RosterStudentPublic]
+    created: int
+    invitations: int
+    invitation_expires_in_days: float
+
+
+class QuotaGrantIn(ReasonIn):
+    extra_per_day: int = Field(default=0, ge=0, le=1000)
+    extra_total: int = Field(default=0, ge=0, le=1000)

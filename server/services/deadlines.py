@@ -1,4 +1,5 @@
-"""Deadlines per student: the phase's, or a later one staff granted as an extension."""
+"""What staff changed for one student in a phase: a later deadline (an extension) and extra
+submissions (a quota grant)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.assignments import AssignmentSpec, PhaseSpec
-from server.models import Extension, User
+from server.models import Extension, QuotaGrant, User
 
 
 def extension_for(
@@ -29,3 +30,15 @@ def due_for(session: Session, user: User, assignment: AssignmentSpec, phase: Pha
     if extension is not None and extension.due_at > phase.due_at:
         return extension.due_at
     return phase.due_at
+
+
+def quota_grant_for(
+    session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec
+) -> QuotaGrant | None:
+    return session.scalar(
+        select(QuotaGrant).where(
+            QuotaGrant.user_id == user.id,
+            QuotaGrant.assignment_slug == assignment.slug,
+            QuotaGrant.phase_id == phase.id,
+        )
+    )

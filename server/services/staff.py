@@ -16,9 +16,17 @@ from server.assignments import AssignmentSpec, PhaseSpec
 from server.config import Settings
 from server.db import utcnow
 from server.errors import Conflict, Forbidden, NotFound, ServiceError
-from server.models import AuditAction, AuditEvent, Extension, Submission, SubmissionStatus, User
+from server.models import (
+    AuditAction,
+    AuditEvent,
+    Extension,
+    QuotaGrant,
+    Submission,
+    SubmissionStatus,
+    User,
+)
 from server.queue import enqueue
-from server.services.deadlines import extension_for
+from server.services.deadlines import extension_for, quota_grant_for
 from server.services.submissions import get_visible_submission, scored_in_phase
 
 CANCELLABLE = (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING)
@@ -326,6 +334,56 @@ def list_extensions(
             .order_by(Extension.due_at)
         ).all()
     )
+
+
+MAX_EXTRA_SUBMISSIONS = 1000
+
+
+def raise_quota(
+    session: Session,
+    *,
+    actor: User,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+    username: str,
+    extra_per_day: int,
+    extra_total: int,
+    reason: str | None,
+) -> QuotaGrant:
+    """Give one student extra submissions in a phase, per day and in total (replacing an
+    earlier grant; zeros take it back)."""
+    _staff(actor)
+    text = _reason(reason)
+    for name, value in (("extra_per_day", extra_per_day), ("extra_total", extra_total)):
+        if not 0 <= value <= MAX_EXTRA_SUBMISSIONS:
+            raise ServiceError(
+                f"{name} must be between 0 and {MAX_EXTRA_SUBMISSIONS}, got {value}."
+            )
+    student = _student(session, username)
+    grant = quota_grant_for(session, student, assignment, phase)
+    previous = (grant.extra_per_day, grant.extra_total) if grant is not None else (0, 0)
+    if grant is None:
+        grant = QuotaGrant(user_id=student.id, assignment_slug=assignment.slug, phase_id=phase.id)
+        session.add(grant)
+    grant.extra_per_day, grant.extra_total = extra_per_day, extra_total
+    grant.reason, grant.granted_by_id = text, actor.id
+    _record(
+        session,
+        actor,
+        AuditAction.QUOTA_RAISED,
+        text,
+        assignment=assignment.slug,
+        phase=phase.id,
+        subject=student,
+        details={
+            "extra_per_day": extra_per_day,
+            "extra_total": extra_total,
+            "previous": list(previous),
+        },
+    )
+    session.commit()
+    session.refresh(grant)
+    return grant
 
 
 EXPORT_COLUMNS = (

@@ -25,7 +25,7 @@ from server.errors import NotFound, PhaseClosed, QuotaExceeded
 from server.models import Submission, SubmissionStatus, User
 from server.queue import enqueue
 from server.schemas import QuotaPublic, ScoreOverridePublic, SubmissionPublic
-from server.services.deadlines import due_for
+from server.services.deadlines import due_for, quota_grant_for
 from server.storage import StoredUpload
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def quota(
     phase: PhaseSpec,
     now: datetime | None = None,
 ) -> QuotaPublic:
-    """What ``user`` has used of the phase's limits; the day ends at midnight course time."""
+    """What ``user`` has used of the phase's limits (raised by a staff grant, if any); the day
+    ends at midnight course time."""
     now = now or utcnow()
     local_now = now.astimezone(assignment.zone)
     day_start = datetime.combine(local_now.date(), time(), tzinfo=assignment.zone)
@@ -59,11 +60,14 @@ def quota(
             Submission.status.in_(CHARGED),
         )
     )
+    grant = quota_grant_for(session, user, assignment, phase)
+    extra_day, extra_total = (grant.extra_per_day, grant.extra_total) if grant else (0, 0)
+    limits = phase.limits
     return QuotaPublic(
         used_today=session.scalar(charged.where(Submission.created_at >= day_start)) or 0,
-        max_per_day=phase.limits.max_per_day,
+        max_per_day=None if limits.max_per_day is None else limits.max_per_day + extra_day,
         used_total=session.scalar(charged) or 0,
-        max_total=phase.limits.max_total,
+        max_total=None if limits.max_total is None else limits.max_total + extra_total,
         resets_at=day_start + timedelta(days=1),
     )
 

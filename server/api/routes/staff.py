@@ -17,6 +17,8 @@ from server.schemas import (
     ExtensionPublic,
     ExtensionsPublic,
     OverrideIn,
+    QuotaGrantIn,
+    QuotaPublic,
     ReasonIn,
     RegradeCount,
     RegradePhaseIn,
@@ -191,3 +193,29 @@ def audit_log(
     """Every staff action (and students' own cancels), newest first."""
     events = staff.audit_log(session, limit=limit, offset=offset)
     return AuditLogPublic(data=[_event_public(event) for event in events])
+
+
+@router.put(f"{PHASE}/quota/{{username}}", response_model=QuotaPublic)
+def raise_quota(
+    phase_id: str,
+    username: str,
+    body: QuotaGrantIn,
+    assignment: AssignmentDep,
+    catalog: CatalogDep,
+    session: SessionDep,
+    user: StaffUser,
+) -> QuotaPublic:
+    """Give one student extra submissions in this phase (per day and in total; zeros take the
+    grant back); answers with the student's quota as it is now."""
+    phase = catalog.phase(assignment, phase_id)
+    grant = staff.raise_quota(
+        session,
+        actor=user,
+        assignment=assignment,
+        phase=phase,
+        username=username,
+        extra_per_day=body.extra_per_day,
+        extra_total=body.extra_total,
+        reason=body.reason,
+    )
+    return submissions.quota(session=session, user=grant.user, assignment=assignment, phase=phase)
