@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api = APIRouter(prefix=API_PREFIX)
     for module in (system, accounts, assignments, submissions, staff):
         api.include_router(module.router)
+    api.include_router(submissions.receipts_router)
     app.include_router(api)
     app.include_router(system.metrics_router)
 

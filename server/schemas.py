@@ -303,3 +303,14 @@ class RosterPublic(BaseModel):
 class QuotaGrantIn(ReasonIn):
     extra_per_day: int = Field(default=0, ge=0, le=1000)
     extra_total: int = Field(default=0, ge=0, le=1000)
+
+
+class ReceiptPublic(BaseModel):
+    receipt: dict[str, Any] = Field(description="the facts of the score, as signed")
+    signature: str = Field(description="hmac-sha256 over the receipt's canonical JSON")
+
+
+class ReceiptCheck(BaseModel):
+    valid: bool = Field(description="this server signed exactly this receipt")
+    matches_record: bool = Field(description="the submission's record still says the same")
+    differences: dict[str, Any] = Field(description="field -> what the receipt and the record say")

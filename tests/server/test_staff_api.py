@@ -320,3 +320,40 @@ def test_leaderboard_is_public_only_when_the_course_says_so(
         board = client.get(f"{BASE}/leaderboard")
         assert board.status_code == 200 and board.json()["entries"] == []
         assert client.get(f"{BASE}/quota").status_code == 401  # only the board is public
+
+
+def test_receipt_is_signed_verifiable_and_shows_a_later_override(
+    client: TestClient, accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    alice, ta = accounts["alice"], accounts["ta"]
+    queued = upload(client, alice, 9, artifacts)
+    early = client.get(f"/api/v1/submissions/{queued}/receipt", headers=alice.headers)
+    assert early.status_code == 409  # only scored submissions get receipts
+    assert run_scoring(queued, settings=settings, session_factory=db) is Outcome.SCORED
+    assert (
+        client.get(
+            f"/api/v1/submissions/{queued}/receipt", headers=accounts["bob"].headers
+        ).status_code
+        == 404
+    )
+    signed = client.get(f"/api/v1/submissions/{queued}/receipt", headers=alice.headers).json()
+    receipt = signed["receipt"]
+    assert receipt["file_sha256"] == get(client, alice, queued)["file_sha256"]
+    assert receipt["evaluation_set_sha256"] == artifacts.eval_sha
+    assert receipt["hidden_model_sha256"] == artifacts.weights
+    assert receipt["evaluator_version"] and receipt["score"] == receipt["final_score"]
+
+    check = client.post("/api/v1/receipts/verify", headers=alice.headers, json=signed).json()
+    assert check == {"valid": True, "matches_record": True, "differences": {}}
+    forged = {**signed, "receipt": {**receipt, "score": 0.0}}
+    bad = client.post("/api/v1/receipts/verify", headers=alice.headers, json=forged).json()
+    assert bad["valid"] is False
+
+    client.post(
+        f"/api/v1/submissions/{queued}/override",
+        headers=ta.headers,
+        json={"score": 0.01, "reason": "appeal 3"},
+    ).raise_for_status()
+    later = client.post("/api/v1/receipts/verify", headers=ta.headers, json=signed).json()
+    assert later["valid"] and not later["matches_record"]
+    assert later["differences"] == {"final_score": {"receipt": receipt["score"], "now": 0.01}}

@@ -6,12 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from server.deps import CurrentUser, SessionDep
+from server.deps import CurrentUser, SessionDep, SettingsDep
 from server.models import SubmissionStatus
-from server.schemas import ReasonIn, SubmissionPublic, SubmissionsPublic
-from server.services import staff, submissions
+from server.schemas import (
+    ReasonIn,
+    ReceiptCheck,
+    ReceiptPublic,
+    SubmissionPublic,
+    SubmissionsPublic,
+)
+from server.services import receipts, staff, submissions
 
 router = APIRouter(prefix="/submissions", tags=["submissions"])
+receipts_router = APIRouter(tags=["submissions"])
 
 
 @router.get("", response_model=SubmissionsPublic)
@@ -58,3 +65,25 @@ def cancel_submission(
         session, actor=user, submission_id=submission_id, reason=body.reason
     )
     return submissions.to_public(session, row, viewer=user)
+
+
+@router.get("/{submission_id}/receipt", response_model=ReceiptPublic)
+def get_receipt(
+    submission_id: str, session: SessionDep, settings: SettingsDep, user: CurrentUser
+) -> ReceiptPublic:
+    """A signed receipt of a scored submission (file hash, evaluator version, seed, hidden-model
+    hashes, score) to keep for an appeal; `POST /api/v1/receipts/verify` checks it."""
+    row = submissions.get_visible_submission(
+        session=session, user=user, submission_id=submission_id
+    )
+    return ReceiptPublic(**receipts.issue_receipt(row, settings.secret_key))
+
+
+@receipts_router.post("/receipts/verify", response_model=ReceiptCheck)
+def verify_receipt(
+    body: ReceiptPublic, session: SessionDep, settings: SettingsDep, _: CurrentUser
+) -> ReceiptCheck:
+    """Check a receipt: was it signed by this server, and does the record still say the same?"""
+    return ReceiptCheck(
+        **receipts.verify_receipt(session, body.receipt, body.signature, settings.secret_key)
+    )
