@@ -180,6 +180,69 @@ class LimitsSpec(_Spec):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+class Selection(StrEnum):
+    """Which submission of a student counts for the final (private) board and the grade."""
+
+    BEST = "best"
+    """the one with the best public score"""
+    LAST = "last"
+    """the latest scored one"""
+    MARKED = "marked"
+    """the best (private score) of up to ``max_marked`` the student marks; best public if none"""
+
+
+class RevealMode(StrEnum):
+    AUTO = "auto"
+    """the private board opens once the phase (and every extension) has closed"""
+    MANUAL = "manual"
+    """the private board opens when staff reveal it"""
+
+
+class Feedback(StrEnum):
+    FULL = "full"
+    """students see every number of their results"""
+    AGGREGATE = "aggregate"
+    """until the private board opens, students see only their public score (rounded), not the
+    per-model or per-attack breakdown"""
+
+
+class BoardSpec(_Spec):
+    """The ``[phases.leaderboard]`` table: public/private boards, final selection, feedback."""
+
+    selection: Selection = Selection.BEST
+    max_marked: int = Field(default=2, ge=1, le=20)
+    public_models: list[Slug] | None = Field(
+        default=None,
+        description="attack phases: the hidden models that score the public board (default all)",
+    )
+    public_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="defense phases: the share of evaluation points scoring the public board",
+    )
+    reveal: RevealMode = RevealMode.AUTO
+    feedback: Feedback = Feedback.FULL
+    round_to: int | None = Field(
+        default=None, ge=0, le=6, description="decimals of the scores students see in the phase"
+    )
+
+
+class GradingSpec(_Spec):
+    """The ``[phases.grading]`` table: points from the final score, linear between two baselines
+    (``zero_at`` earns nothing, ``full_at`` earns all ``points``; clamped outside)."""
+
+    points: float = Field(default=10.0, gt=0)
+    zero_at: float = Field(ge=0, le=1)
+    full_at: float = Field(ge=0, le=1)
+
+    def points_for(self, score: float | None) -> float:
+        if score is None:
+            return 0.0
+        share = (score - self.zero_at) / (self.full_at - self.zero_at)
+        return round(self.points * min(1.0, max(0.0, share)), 4)
+
+
 class DefenseSpec(DefenseEvalConfig):
     """The ``[phases.defense]`` table: what students may upload and how it is evaluated."""
 
@@ -208,6 +271,8 @@ class PhaseSpec(_Spec):
     defense: DefenseSpec | None = None
     metric: Metric | None = None
     limits: LimitsSpec = LimitsSpec()
+    leaderboard: BoardSpec = BoardSpec()
+    grading: GradingSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> PhaseSpec:
@@ -235,10 +300,34 @@ class PhaseSpec(_Spec):
             object.__setattr__(self, "metric", expected)
         elif self.metric is not expected:
             raise ValueError(f"a {self.track.value} phase is scored by {expected.value!r}")
+        self._check_boards(names)
         soft, hard = self.limits.resolve_time_limits(self.track)
         limits = self.limits.model_copy(update={"soft_time_limit_s": soft, "time_limit_s": hard})
         object.__setattr__(self, "limits", limits)
         return self
+
+    def _check_boards(self, model_names: list[str]) -> None:
+        board = self.leaderboard
+        if board.public_models is not None:
+            if self.track is not Track.ATTACK:
+                raise ValueError("leaderboard.public_models belongs to attack phases")
+            unknown = sorted(set(board.public_models) - set(model_names))
+            if unknown or not board.public_models:
+                raise ValueError(
+                    f"leaderboard.public_models must name hidden models of this phase "
+                    f"({', '.join(model_names)}); unknown: {', '.join(unknown) or 'none given'}"
+                )
+        if board.public_fraction is not None and self.track is not Track.DEFENSE:
+            raise ValueError("leaderboard.public_fraction belongs to defense phases")
+        if self.grading is not None:
+            higher = self.track is Track.DEFENSE
+            zero, full = self.grading.zero_at, self.grading.full_at
+            if (full <= zero) if higher else (full >= zero):
+                better = "higher" if higher else "lower"
+                raise ValueError(
+                    f"grading: full_at ({full:g}) must be {better} than zero_at ({zero:g}): in a "
+                    f"{self.track.value} phase {better} scores are better"
+                )
 
     @property
     def scoring_metric(self) -> Metric:

@@ -162,6 +162,7 @@ class AuditAction(StrEnum):
     EXTENSION_REVOKED = "extension_revoked"
     QUOTA_RAISED = "quota_raised"
     ROSTER_IMPORTED = "roster_imported"
+    REVEAL = "reveal"
 
 
 class Invitation(Base):
@@ -180,6 +181,19 @@ class Invitation(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     user: Mapped[User] = relationship(foreign_keys=[user_id])
+
+
+class BoardReveal(Base):
+    """Staff opened a phase's private board before it would open by itself."""
+
+    __tablename__ = "board_reveal"
+    __table_args__ = (UniqueConstraint("assignment_slug", "phase_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_slug: Mapped[str] = mapped_column(String(64))
+    phase_id: Mapped[str] = mapped_column(String(64))
+    revealed_by_id: Mapped[int] = mapped_column(ForeignKey("user.id", ondelete="RESTRICT"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class QuotaGrant(Base):
@@ -261,6 +275,8 @@ class Submission(Base):
         ForeignKey("user.id", ondelete="RESTRICT"), nullable=True
     )
     override_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    marked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """Set while the student marks this submission for the final selection (``marked`` phases)."""
     scoring_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """Scored submissions: :attr:`server.assignments.PhaseSpec.scoring_key` of the phase as the
     worker read it; an identical upload under the same key reuses this score."""

@@ -131,14 +131,14 @@ class SubmissionsPublic(BaseModel):
 
 
 class LeaderboardEntry(BaseModel):
-    rank: int
+    rank: int | None = Field(description="null for students without a scored submission (last)")
     pseudonym: str
     username: str | None = None
-    score: float
+    score: float | None
     submission_id: str | None = None
     submissions: int
-    best_submitted_at: datetime
-    last_submitted_at: datetime
+    best_submitted_at: datetime | None = Field(description="when the ranked submission was made")
+    last_submitted_at: datetime | None
     is_you: bool = False
 
 
@@ -146,7 +146,9 @@ class LeaderboardPublic(BaseModel):
     assignment: str
     phase: str
     metric: str
-    selection: str
+    board: str = Field(description="public (during the phase) or private (final, decides grades)")
+    revealed: bool = Field(description="whether the private board is open to students")
+    selection: str = Field(description="how entries are scored and ranked, in words")
     entries: list[LeaderboardEntry]
 
 

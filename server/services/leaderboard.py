@@ -1,15 +1,13 @@
-"""Phase leaderboards (each student's best scored submission, under a pseudonym) and the
-defense x attack transfer matrix."""
+"""Phase leaderboards (public and private boards, under pseudonyms; see
+:mod:`server.services.boards`) and the defense x attack transfer matrix."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.assignments import AssignmentSpec, Metric, PhaseSpec
+from server.errors import Forbidden
 from server.models import Submission, TransferResult, User
 from server.schemas import (
     LeaderboardEntry,
@@ -18,73 +16,94 @@ from server.schemas import (
     TransferMatrixPublic,
     TransferRow,
 )
-from server.services.submissions import latest_scored_per_student, scored_in_phase
+from server.services.boards import (
+    SELECTION_RULES,
+    Board,
+    is_revealed,
+    ranked,
+    rounded,
+    standings,
+)
+from server.services.submissions import latest_scored_per_student
 
-SELECTION = {
-    Metric.MEAN_ACCURACY: (
-        "Best scored submission per student: the lowest mean accuracy of the hidden models on "
-        "the submitted images (lower is better); ties go to the earlier submission. Only scored "
-        "submissions are ranked."
-    ),
-    Metric.ROBUST_ACCURACY: (
-        "Best scored submission per student: the highest robust accuracy under the phase's "
-        "leaderboard attack suite (higher is better); ties go to the earlier submission. Only "
-        "scored submissions are ranked."
-    ),
+BOARD_RULES = {
+    Metric.MEAN_ACCURACY: "the mean accuracy of the hidden models on the submitted images (lower "
+    "is better)",
+    Metric.ROBUST_ACCURACY: "robust accuracy under the phase's attack suite (higher is better)",
 }
 
 
-@dataclass
-class _Standing:
-    user: User
-    best: Submission
-    count: int
-    last_at: datetime
+def _describe(phase: PhaseSpec, board: Board, revealed: bool) -> str:
+    metric = BOARD_RULES[phase.scoring_metric]
+    if board is Board.PUBLIC:
+        subset = ""
+        if phase.leaderboard.public_models is not None:
+            subset = f" on the public models ({', '.join(phase.leaderboard.public_models)})"
+        elif phase.leaderboard.public_fraction is not None:
+            share = phase.leaderboard.public_fraction
+            subset = f" on the public {share:.0%} of the evaluation points"
+        opens = "is open" if revealed else "opens when the phase closes"
+        if not revealed and phase.leaderboard.reveal.value == "manual":
+            opens = "opens when the course staff reveal it"
+        return (
+            f"Public board: each student's best score{subset}, {metric}; ties go to the earlier "
+            f"submission. The private board, which decides grades, {opens}."
+        )
+    return (
+        f"Private board: for each student {SELECTION_RULES[phase.leaderboard.selection]}, scored "
+        f"on everything ({metric}); ties go to the earlier submission; students without a "
+        "scored submission come last."
+    )
 
 
 def leaderboard(
-    *, session: Session, assignment: AssignmentSpec, phase: PhaseSpec, viewer: User | None
+    *,
+    session: Session,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+    viewer: User | None,
+    board: Board | None = None,
 ) -> LeaderboardPublic:
-    """The phase's ranking by final score (a staff override replaces the grader's score); staff
-    also see usernames and submission ids, anonymous viewers (public boards) only pseudonyms."""
-    rows = scored_in_phase(session, assignment.slug, phase.id)
-    sign = -1.0 if phase.scoring_metric.higher_is_better else 1.0
-    standings: dict[int, _Standing] = {}
-    for row in rows:
-        if row.final_score is None:
-            continue
-        standing = standings.get(row.user_id)
-        if standing is None:
-            standings[row.user_id] = _Standing(row.user, row, 1, row.created_at)
-            continue
-        standing.count += 1
-        standing.last_at = row.created_at
-        if sign * (row.final_score or 0.0) < sign * (standing.best.final_score or 0.0):
-            standing.best = row
-    ordered = sorted(
-        standings.values(), key=lambda s: (sign * (s.best.final_score or 0.0), s.best.created_at)
-    )
+    """The phase's public board, or its private board once revealed (staff may ask for either);
+    staff also see usernames and submission ids, anonymous viewers (public courses) only
+    pseudonyms. Students see scores rounded as the phase says until the private board opens."""
     staff = viewer is not None and viewer.role.is_staff
-    viewer_id = viewer.id if viewer is not None else None
-    entries = [
-        LeaderboardEntry(
-            rank=rank,
-            pseudonym=s.user.pseudonym,
-            username=s.user.username if staff else None,
-            score=float(s.best.final_score or 0.0),
-            submission_id=s.best.id if staff or s.user.id == viewer_id else None,
-            submissions=s.count,
-            best_submitted_at=s.best.created_at,
-            last_submitted_at=s.last_at,
-            is_you=s.user.id == viewer_id,
+    revealed = is_revealed(session, assignment, phase)
+    if board is None:
+        board = Board.PRIVATE if revealed else Board.PUBLIC
+    if board is Board.PRIVATE and not (revealed or staff):
+        raise Forbidden(
+            f"The private board of phase {phase.id!r} opens when the phase closes; until then "
+            "only the public board is shown."
         )
-        for rank, s in enumerate(ordered, start=1)
-    ]
+    viewer_id = viewer.id if viewer is not None else None
+    entries = []
+    for rank, standing, score in ranked(phase, standings(session, assignment, phase), board):
+        shown = standing.best_public if board is Board.PUBLIC else standing.selected
+        entries.append(
+            LeaderboardEntry(
+                rank=rank,
+                pseudonym=standing.user.pseudonym,
+                username=standing.user.username if staff else None,
+                score=rounded(phase, score, staff=staff, revealed=revealed),
+                submission_id=(
+                    shown.id
+                    if shown is not None and (staff or standing.user.id == viewer_id)
+                    else None
+                ),
+                submissions=standing.submissions,
+                best_submitted_at=shown.created_at if shown is not None else None,
+                last_submitted_at=standing.last_at,
+                is_you=standing.user.id == viewer_id,
+            )
+        )
     return LeaderboardPublic(
         assignment=assignment.slug,
         phase=phase.id,
         metric=phase.scoring_metric.value,
-        selection=SELECTION[phase.scoring_metric],
+        board=board.value,
+        revealed=revealed,
+        selection=_describe(phase, board, revealed),
         entries=entries,
     )
 

@@ -58,7 +58,7 @@ class MissingReason(ServiceError):
     status, code = 422, "reason_required"
 
 
-def _reason(reason: str | None) -> str:
+def require_reason(reason: str | None) -> str:
     text = (reason or "").strip()
     if not text:
         raise MissingReason("Give a reason; it is recorded in the audit log with your name.")
@@ -111,7 +111,7 @@ def cancel_submission(
     queued one (a reason is optional for them). A worker still running it records nothing."""
     submission = get_visible_submission(session=session, user=actor, submission_id=submission_id)
     staff = actor.role.is_staff
-    text = _reason(reason) if staff else (reason or "").strip() or "cancelled by the student"
+    text = require_reason(reason) if staff else (reason or "").strip() or "cancelled by the student"
     allowed = CANCELLABLE if staff else (SubmissionStatus.QUEUED,)
     if submission.status not in allowed:
         raise Conflict(
@@ -154,7 +154,7 @@ def regrade_submission(
     """Queue a finished submission again with the current evaluator and spec; its previous
     outcome is kept in the audit log, a staff score override is kept."""
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     submission = get_visible_submission(session=session, user=actor, submission_id=submission_id)
     _requeue(session, actor, submission, text)
     session.commit()
@@ -195,7 +195,7 @@ def regrade_phase(
     """Queue again every finished submission of a phase (or only the failed ones), e.g. after
     the evaluator or a hidden model changed; returns how many were queued."""
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     statuses = (SubmissionStatus.FAILED,) if only_failed else REGRADABLE
     rows = session.scalars(
         select(Submission)
@@ -224,7 +224,7 @@ def override_score(
 ) -> Submission:
     """Set (or with ``None`` clear) the score that counts for a submission, with a reason."""
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     submission = get_visible_submission(session=session, user=actor, submission_id=submission_id)
     if score is not None and not 0.0 <= score <= 1.0:
         raise ServiceError(f"A score is a fraction between 0 and 1, got {score}.")
@@ -259,7 +259,7 @@ def grant_extension(
 ) -> Extension:
     """Give one student a later deadline for a phase (replacing an earlier extension)."""
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     if due_at.tzinfo is None:
         raise ServiceError(
             "Give the new deadline with its UTC offset, e.g. 2026-12-01T23:59:00-05:00."
@@ -305,7 +305,7 @@ def revoke_extension(
     reason: str | None,
 ) -> None:
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     student = _student(session, username)
     extension = extension_for(session, student, assignment, phase)
     if extension is None:
@@ -353,7 +353,7 @@ def raise_quota(
     """Give one student extra submissions in a phase, per day and in total (replacing an
     earlier grant; zeros take it back)."""
     _staff(actor)
-    text = _reason(reason)
+    text = require_reason(reason)
     for name, value in (("extra_per_day", extra_per_day), ("extra_total", extra_total)):
         if not 0 <= value <= MAX_EXTRA_SUBMISSIONS:
             raise ServiceError(

@@ -36,6 +36,7 @@ from server.schemas import (
     TransferMatrixPublic,
 )
 from server.services import catalog_views, submissions
+from server.services.boards import Board
 from server.services.deadlines import due_for
 from server.services.leaderboard import leaderboard, transfer_matrix
 from server.storage import receive_upload
@@ -217,14 +218,20 @@ def get_leaderboard(
     catalog: CatalogDep,
     session: SessionDep,
     user: OptionalUser,
+    board: Annotated[
+        Board | None,
+        Query(description="public or private; default: private once it is open, else public"),
+    ] = None,
 ) -> LeaderboardPublic:
-    """The phase's ranking; without a token only when the course makes leaderboards public."""
+    """The phase's ranking; without a token only when the course makes leaderboards public.
+    The private board (which decides grades) opens when the phase closes; staff see it always."""
     assignment = public_or_logged_in(catalog, slug, user)
     return leaderboard(
         session=session,
         assignment=assignment,
         phase=catalog.phase(assignment, phase_id),
         viewer=user,
+        board=board,
     )
 
 

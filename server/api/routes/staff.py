@@ -24,7 +24,7 @@ from server.schemas import (
     RegradePhaseIn,
     SubmissionPublic,
 )
-from server.services import staff, submissions
+from server.services import boards, staff, submissions
 
 router = APIRouter(tags=["staff"])
 PHASE = "/assignments/{slug}/phases/{phase_id}"
@@ -160,12 +160,7 @@ def export_scores(
     text = staff.export_scores_csv(
         session, assignment=assignment, phase=catalog.phase(assignment, phase_id)
     )
-    name = f"{assignment.slug}-{phase_id}-scores.csv"
-    return Response(
-        text,
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{name}"'},
-    )
+    return _csv(text, f"{assignment.slug}-{phase_id}-scores.csv")
 
 
 def _event_public(event: AuditEvent) -> AuditEventPublic:
@@ -219,3 +214,62 @@ def raise_quota(
         reason=body.reason,
     )
     return submissions.quota(session=session, user=grant.user, assignment=assignment, phase=phase)
+
+
+@router.post(f"{PHASE}/reveal", status_code=204)
+def reveal_private_board(
+    phase_id: str,
+    body: ReasonIn,
+    assignment: AssignmentDep,
+    catalog: CatalogDep,
+    session: SessionDep,
+    user: StaffUser,
+) -> Response:
+    """Open the phase's private board to students now (it opens by itself when the phase and
+    every extension have closed, unless the spec says `reveal = "manual"`)."""
+    boards.reveal(
+        session,
+        actor=user,
+        assignment=assignment,
+        phase=catalog.phase(assignment, phase_id),
+        reason=body.reason,
+    )
+    return Response(status_code=204)
+
+
+def _csv(text: str, name: str) -> Response:
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
+@router.get(
+    f"{PHASE}/grades.csv", responses={200: {"content": {"text/csv": {}}}}, response_class=Response
+)
+def export_phase_grades(
+    phase_id: str,
+    assignment: AssignmentDep,
+    catalog: CatalogDep,
+    session: SessionDep,
+    _: StaffUser,
+) -> Response:
+    """Every student's final (private) score, rank and points for the phase, as CSV; students
+    without a scored submission get no score, no rank and 0 points (columns: see the README)."""
+    phase = catalog.phase(assignment, phase_id)
+    return _csv(
+        boards.grades_csv(session, assignment, phase), f"{assignment.slug}-{phase_id}-grades.csv"
+    )
+
+
+@router.get(
+    "/assignments/{slug}/grades.csv",
+    responses={200: {"content": {"text/csv": {}}}},
+    response_class=Response,
+)
+def export_assignment_grades(
+    assignment: AssignmentDep, session: SessionDep, _: StaffUser
+) -> Response:
+    """One row per student: each phase's final score, rank and points, and the total."""
+    return _csv(boards.assignment_grades_csv(session, assignment), f"{assignment.slug}-grades.csv")

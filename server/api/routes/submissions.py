@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
 
-from server.deps import CurrentUser, SessionDep, SettingsDep
-from server.models import SubmissionStatus
+from server.catalog import Catalog
+from server.db import utcnow
+from server.deps import CatalogDep, CurrentUser, SessionDep, SettingsDep
+from server.errors import NotFound, PhaseClosed
+from server.models import SubmissionStatus, User
 from server.schemas import (
     ReasonIn,
     ReceiptCheck,
@@ -15,7 +19,8 @@ from server.schemas import (
     SubmissionPublic,
     SubmissionsPublic,
 )
-from server.services import receipts, staff, submissions
+from server.services import boards, receipts, staff, submissions
+from server.services.deadlines import due_for
 
 router = APIRouter(prefix="/submissions", tags=["submissions"])
 receipts_router = APIRouter(tags=["submissions"])
@@ -24,6 +29,7 @@ receipts_router = APIRouter(tags=["submissions"])
 @router.get("", response_model=SubmissionsPublic)
 def list_submissions(
     session: SessionDep,
+    catalog: CatalogDep,
     user: CurrentUser,
     assignment: str | None = None,
     phase: str | None = None,
@@ -43,16 +49,51 @@ def list_submissions(
         offset=offset,
     )
     return SubmissionsPublic(
-        data=[submissions.to_public(session, row, viewer=user) for row in rows], count=total
+        data=[boards.submission_for(session, catalog, row, viewer=user) for row in rows],
+        count=total,
     )
 
 
 @router.get("/{submission_id}", response_model=SubmissionPublic)
-def get_submission(submission_id: str, session: SessionDep, user: CurrentUser) -> SubmissionPublic:
+def get_submission(
+    submission_id: str, session: SessionDep, catalog: CatalogDep, user: CurrentUser
+) -> SubmissionPublic:
     row = submissions.get_visible_submission(
         session=session, user=user, submission_id=submission_id
     )
-    return submissions.to_public(session, row, viewer=user)
+    return boards.submission_for(session, catalog, row, viewer=user)
+
+
+@router.put("/{submission_id}/mark", response_model=SubmissionPublic)
+def mark_submission(
+    submission_id: str, session: SessionDep, catalog: CatalogDep, user: CurrentUser
+) -> SubmissionPublic:
+    """Mark one of your scored submissions for the final selection (phases whose selection is
+    `marked`; at most the phase's `max_marked`)."""
+    return _set_mark(submission_id, session, catalog, user, marked=True)
+
+
+@router.delete("/{submission_id}/mark", response_model=SubmissionPublic)
+def unmark_submission(
+    submission_id: str, session: SessionDep, catalog: CatalogDep, user: CurrentUser
+) -> SubmissionPublic:
+    return _set_mark(submission_id, session, catalog, user, marked=False)
+
+
+def _set_mark(
+    submission_id: str, session: Session, catalog: Catalog, user: User, *, marked: bool
+) -> SubmissionPublic:
+    row = submissions.get_visible_submission(
+        session=session, user=user, submission_id=submission_id
+    )
+    assignment = catalog.assignments.get(row.assignment_slug)
+    phase = assignment.phase(row.phase_id) if assignment is not None else None
+    if assignment is None or phase is None:
+        raise NotFound(f"The phase of submission {row.id} is no longer in the catalog.")
+    if marked and utcnow() >= due_for(session, user, assignment, phase):
+        raise PhaseClosed(f"Phase {phase.id!r} is closed; the selection can no longer change.")
+    boards.set_mark(session, user=user, submission=row, phase=phase, marked=marked)
+    return boards.submission_for(session, catalog, row, viewer=user)
 
 
 @router.post("/{submission_id}/cancel", response_model=SubmissionPublic)
