@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -17,8 +18,9 @@ from server import cli
 from server.config import Settings, get_settings
 from server.db import utcnow
 from server.main import create_app
-from server.models import Invitation, Role, User
+from server.models import Invitation, Role, Submission, SubmissionStatus, User
 from server.security import login
+from server.services.submissions import quota
 from tests.conftest import PHASE, SLUG, Account, Artifacts, perturbed, spec_toml, write_spec
 
 BASE = f"/api/v1/assignments/{SLUG}/phases/{PHASE}"
@@ -246,3 +248,46 @@ def test_quota_grant_lets_one_student_past_the_daily_limit(
         assert submit(client, accounts["bob"], 6) == 429  # only alice was raised
         events = client.get("/api/v1/audit", headers=ta.headers).json()["data"]
         assert events[0]["action"] == "quota_raised" and events[0]["subject"] == "alice"
+
+
+def test_daily_quota_resets_at_midnight_in_the_course_timezone(
+    accounts: dict[str, Account], artifacts: Artifacts, settings: Settings, db
+) -> None:
+    write_spec(settings.assignments_dir, spec_toml(artifacts, timezone="Asia/Tokyo"))
+    assignment = create_app(settings).state.catalog.assignments[SLUG]
+    phase = assignment.phase(PHASE)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    before_midnight = datetime(2026, 11, 21, 23, 59, tzinfo=tokyo)  # 14:59 UTC
+    with db() as session:
+        session.add(
+            Submission(
+                user_id=accounts["alice"].user_id,
+                assignment_slug=SLUG,
+                phase_id=PHASE,
+                status=SubmissionStatus.SCORED,
+                file_name="a.npy",
+                file_sha256="0" * 64,
+                file_size=1,
+                batch_path="/nonexistent",
+                created_at=before_midnight,
+            )
+        )
+        session.commit()
+        user = session.get(User, accounts["alice"].user_id)
+        same_day = quota(
+            session=session,
+            user=user,
+            assignment=assignment,
+            phase=phase,
+            now=before_midnight + timedelta(seconds=30),
+        )
+        next_day = quota(
+            session=session,
+            user=user,
+            assignment=assignment,
+            phase=phase,
+            now=before_midnight + timedelta(minutes=1),
+        )
+    assert same_day.used_today == 1 and same_day.used_total == 1
+    assert same_day.resets_at == datetime(2026, 11, 22, 0, 0, tzinfo=tokyo)
+    assert next_day.used_today == 0 and next_day.used_total == 1
