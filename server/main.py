@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import RedirectResponse
 
 from server.api.routes import accounts, assignments, staff, submissions, system
 from server.catalog import Catalog
 from server.config import Settings, get_settings
 from server.db import session_factory_for
 from server.errors import install_error_handlers
+from server.web import install_pages
+from server.web.errors import page_error
 
 API_PREFIX = "/api/v1"
 
@@ -28,16 +29,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.assignments_dir, visibility_timeout_s=settings.visibility_timeout_s
     )
     app.state.session_factory = session_factory_for(settings.db_url)
-    install_error_handlers(app)
+    install_error_handlers(app, pages=page_error)
     api = APIRouter(prefix=API_PREFIX)
     for module in (system, accounts, assignments, submissions, staff):
         api.include_router(module.router)
     api.include_router(submissions.receipts_router)
     app.include_router(api)
     app.include_router(system.metrics_router)
-
-    @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
-
+    install_pages(app)
     return app

@@ -1,0 +1,601 @@
+"""The student pages (server-rendered HTML) through TestClient: login and logout, CSRF, who may
+see what, times in the course timezone, the attack and defense detail pages, leaderboards and
+the error pages."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from html import unescape
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from graders.architectures import Architecture, build_model
+from graders.checkpoints import write_safetensors
+from graders.threat_model import Norm, distances
+from server.config import Settings
+from server.db import utcnow
+from server.deps import SESSION_COOKIE
+from server.main import create_app
+from server.models import Submission, SubmissionStatus, User
+from server.security import set_password
+from server.services import staff
+from tests.conftest import (
+    DEFENSE_PHASE,
+    PHASE,
+    SLUG,
+    Account,
+    Artifacts,
+    perturbed,
+    spec_toml,
+    write_spec,
+)
+from tests.server.test_api import npy_bytes
+from worker.scoring import Outcome, run_scoring
+
+PASSWORD = "correct horse battery"
+PHASE_PAGE = f"/assignments/{SLUG}/phases/{PHASE}"
+API_PHASE = f"/api/v1/assignments/{SLUG}/phases/{PHASE}"
+DUE = datetime(2030, 1, 15, 4, 59, tzinfo=UTC)
+"""A deadline that is 23:59 on Monday 14 January 2030 in the course's New York time."""
+COURSE_ZONE = ZoneInfo("America/New_York")
+"""The timezone of the spec that ``spec_toml`` writes."""
+
+
+@pytest.fixture
+def passwords(db: sessionmaker[Session], accounts: dict[str, Account]) -> dict[str, Account]:
+    """The three accounts, each with ``PASSWORD`` set."""
+    with db() as session:
+        for account in accounts.values():
+            user = session.get(User, account.user_id)
+            assert user is not None
+            set_password(user, PASSWORD)
+        session.commit()
+    return accounts
+
+
+def app_client(settings: Settings) -> TestClient:
+    return TestClient(create_app(settings), follow_redirects=False)
+
+
+@pytest.fixture
+def web(settings: Settings, passwords: dict[str, Account]) -> Iterator[TestClient]:
+    """A browser without a login (cookies kept between requests, redirects not followed)."""
+    with app_client(settings) as client:
+        yield client
+
+
+def login_form_token(client: TestClient, url: str = "/login") -> str:
+    page = client.get(url)
+    assert page.status_code == 200, page.text
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert match, "the login form has no CSRF field"
+    return match.group(1)
+
+
+def log_in(client: TestClient, username: str, password: str = PASSWORD, next_url: str = "/"):
+    token = login_form_token(client)
+    return client.post(
+        "/login",
+        data={"username": username, "password": password, "csrf_token": token, "next": next_url},
+    )
+
+
+def logged_in(settings: Settings, username: str) -> TestClient:
+    client = app_client(settings)
+    response = log_in(client, username)
+    assert response.status_code == 303, response.text
+    return client
+
+
+def page_csrf(client: TestClient, url: str = "/") -> str:
+    match = re.search(r'<meta name="csrf-token" content="([^"]+)">', client.get(url).text)
+    assert match, "a logged-in page carries the session's CSRF token"
+    return match.group(1)
+
+
+INLINE_TAGS = re.compile(r"</?(?:a|strong|em|span|code|time|abbr)\b[^>]*>")
+
+
+def text_of(html: str) -> str:
+    """The page's text as a reader sees it: inline tags dropped, block tags turned into spaces,
+    whitespace collapsed."""
+    return " ".join(unescape(re.sub(r"<[^>]+>", " ", INLINE_TAGS.sub("", html))).split())
+
+
+def add_scored(
+    factory: sessionmaker[Session], account: Account, score: float, minutes_ago: int
+) -> str:
+    """A scored attack submission as the worker leaves it (for ranking tests)."""
+    with factory() as session:
+        row = Submission(
+            user_id=account.user_id,
+            assignment_slug=SLUG,
+            phase_id=PHASE,
+            status=SubmissionStatus.SCORED,
+            file_name="adv.npy",
+            file_sha256="0" * 64,
+            file_size=1,
+            batch_path="/nonexistent",
+            score=score,
+            created_at=utcnow() - timedelta(minutes=minutes_ago),
+        )
+        session.add(row)
+        session.commit()
+        return row.id
+
+
+# --- Login and logout -------------------------------------------------------------------------
+
+
+def test_login_starts_a_session_and_shows_the_home_page(web: TestClient) -> None:
+    response = log_in(web, "alice")
+    assert response.status_code == 303
+    assert response.headers["location"] == "/"
+    assert SESSION_COOKIE in response.cookies
+    home = web.get("/")
+    assert home.status_code == 200
+    text = text_of(home.text)
+    assert "Your assignments" in text and "Logged in as alice" in text
+    assert 'href="/assignments/course/phases/attack"' in home.text
+    assert home.headers["cache-control"] == "no-store"
+    assert "script-src 'self'" in home.headers["content-security-policy"]
+
+
+def test_wrong_password_and_unknown_user_get_the_same_401_page(web: TestClient) -> None:
+    wrong = log_in(web, "alice", "not the password")
+    unknown = log_in(web, "mallory", "not the password")
+    for response in (wrong, unknown):
+        assert response.status_code == 401
+        assert SESSION_COOKIE not in response.cookies
+        assert "The username or password is wrong." in text_of(response.text)
+
+    def error_box(html: str) -> str:
+        found = re.search(r'<div class="flash flash-error" role="alert"[^>]*>(.*?)</div>', html)
+        assert found
+        return found.group(1)
+
+    assert error_box(wrong.text) == error_box(unknown.text)
+    assert web.get("/").status_code == 303  # still not logged in
+
+
+def test_pages_need_a_login_and_come_back_to_the_page_after_it(web: TestClient) -> None:
+    for path in ("/", "/submissions", PHASE_PAGE, "/leaderboards", "/submissions/abc"):
+        response = web.get(path)
+        assert response.status_code == 303, path
+        assert response.headers["location"].startswith("/login?next=")
+    back = web.get("/submissions?phase=attack").headers["location"]
+    assert back == "/login?next=%2Fsubmissions%3Fphase%3Dattack"
+    after = log_in(web, "alice", next_url="/submissions?phase=attack")
+    assert after.headers["location"] == "/submissions?phase=attack"
+
+
+def test_login_never_redirects_to_another_site(web: TestClient) -> None:
+    for target in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+        web.cookies.clear()
+        assert log_in(web, "alice", next_url=target).headers["location"] == "/"
+
+
+def test_forged_login_form_without_the_cookie_token_is_refused(
+    settings: Settings, passwords: dict[str, Account]
+) -> None:
+    with app_client(settings) as attacker:
+        stolen = login_form_token(attacker)  # a valid field, but for the attacker's cookie
+    with app_client(settings) as victim:
+        forged = victim.post(
+            "/login",
+            data={"username": "alice", "password": PASSWORD, "csrf_token": stolen, "next": "/"},
+        )
+        assert forged.status_code == 403
+        assert SESSION_COOKIE not in forged.cookies
+        assert "cookies are allowed" in text_of(forged.text)
+
+
+def test_logout_needs_the_form_token_and_then_ends_the_session(
+    settings: Settings, passwords: dict[str, Account]
+) -> None:
+    with logged_in(settings, "alice") as client:
+        forged = client.post("/logout", data={"csrf_token": "guessed"})
+        assert forged.status_code == 403
+        assert "reload the page" in text_of(forged.text)
+        assert client.get("/").status_code == 200  # the session survived the forged post
+
+        cookie = client.cookies.get(SESSION_COOKIE)
+        confirm = client.get("/logout")  # typing the address asks first: a link cannot log out
+        assert confirm.status_code == 200 and client.get("/").status_code == 200
+        token = re.search(r'name="csrf_token" value="([^"]+)"', confirm.text)
+        assert token and token.group(1) == page_csrf(client)
+        done = client.post("/logout", data={"csrf_token": token.group(1)})
+        assert done.status_code == 303 and done.headers["location"] == "/login"
+        assert "You are logged out." in text_of(client.get("/login").text)
+        assert client.get("/logout").headers["location"] == "/login"
+    with app_client(settings) as replay:  # the old cookie no longer works anywhere
+        replay.cookies.set(SESSION_COOKIE, cookie or "")
+        assert replay.get("/").status_code == 303
+
+
+def test_api_calls_from_the_pages_need_the_csrf_header(
+    settings: Settings, passwords: dict[str, Account], artifacts: Artifacts
+) -> None:
+    batch = npy_bytes(perturbed(artifacts.eval_set.images))
+    with logged_in(settings, "alice") as client:
+        dataset = client.get(f"{API_PHASE}/dataset?format=npz")
+        assert dataset.status_code == 200  # the download link works with the cookie
+        refused = client.post(f"{API_PHASE}/submissions", files={"file": ("a.npy", batch)})
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "csrf_failed"
+        accepted = client.post(
+            f"{API_PHASE}/submissions",
+            files={"file": ("a.npy", batch)},
+            headers={"X-CSRF-Token": page_csrf(client)},
+        )
+        assert accepted.status_code == 202, accepted.text
+
+
+# --- Home and phase pages ---------------------------------------------------------------------
+
+
+def test_deadline_countdown_and_quota_are_in_course_time(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    write_spec(settings.assignments_dir, spec_toml(artifacts, due_at=DUE, max_per_day=5))
+    add_scored(db, passwords["alice"], 0.5, minutes_ago=1)
+    with logged_in(settings, "alice") as client:
+        html = client.get("/").text
+    text = text_of(html)
+    assert "Deadline Mon 14 Jan 2030, 23:59 EST" in text
+    assert '<time datetime="2030-01-15T04:59:00+00:00" data-countdown' in html
+    countdown = re.search(
+        r'<time datetime="2030-01-15T04:59:00\+00:00" data-countdown[^>]*>([^<]+)<', html
+    )
+    assert countdown and re.fullmatch(r"in \d+ days \d+ hours?", countdown.group(1))
+    assert "4 of 5 today" in text and "19 of 20 in total" in text
+    now_new_york = datetime.now(UTC).astimezone(COURSE_ZONE)
+    midnight = (now_new_york + timedelta(days=1)).replace(hour=0, minute=0)
+    assert f"the day resets {midnight:%a} {midnight.day} {midnight:%b %Y}, 00:00" in text
+
+
+def test_an_extension_shows_as_the_students_own_deadline(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    write_spec(settings.assignments_dir, spec_toml(artifacts, due_at=DUE))
+    app = create_app(settings)
+    assignment = app.state.catalog.assignments[SLUG]
+    with db() as session:
+        ta = session.get(User, passwords["ta"].user_id)
+        staff.grant_extension(
+            session,
+            actor=ta,
+            assignment=assignment,
+            phase=assignment.phase(PHASE),
+            username="alice",
+            due_at=DUE + timedelta(days=5),
+            reason="illness",
+        )
+    with logged_in(settings, "alice") as alice, logged_in(settings, "bob") as bob:
+        mine, theirs = text_of(alice.get("/").text), text_of(bob.get("/").text)
+    assert "Your deadline Sat 19 Jan 2030, 23:59 EST" in mine
+    assert "the phase's deadline is Mon 14 Jan 2030, 23:59 EST" in mine
+    assert "Deadline Mon 14 Jan 2030, 23:59 EST" in theirs and "Your deadline" not in theirs
+
+
+def test_phase_page_states_the_rules_and_links_the_clean_images(
+    settings: Settings, passwords: dict[str, Account]
+) -> None:
+    with logged_in(settings, "alice") as client:
+        response = client.get(PHASE_PAGE)
+        assert response.status_code == 200
+        html, text = response.text, text_of(response.text)
+        assert "L-inf, eps 8/255" in text
+        assert ".zip" in text and ".npy" in text and ".npz" in text
+        assert "1.0 MiB per upload" in text
+        assert "5 per day, 20 in total" in text
+        for link in re.findall(r'href="(/api/v1/[^"]+/dataset\?format=(?:zip|npz))"', html):
+            assert client.get(unescape(link)).status_code == 200
+        assert 'id="upload-form"' in html and 'data-max-bytes="1048576"' in html
+        assert '<label for="upload-file">' in html
+        assert "<noscript>" in html and "need JavaScript" in text_of(
+            html.split("<noscript>")[1].split("</noscript>")[0]
+        )
+        assert "You have not submitted to this phase yet." in text
+
+
+def test_defense_phase_page_offers_the_allowed_architectures(
+    settings: Settings, passwords: dict[str, Account], artifacts: Artifacts
+) -> None:
+    write_spec(settings.assignments_dir, spec_toml(artifacts, defense=""))
+    with logged_in(settings, "alice") as client:
+        html = client.get(f"/assignments/{SLUG}/phases/{DEFENSE_PHASE}").text
+    select = re.search(r'<select id="architecture"[^>]*>(.*?)</select>', html, re.S)
+    assert select and re.findall(r'<option value="([^"]+)"', select.group(1)) == ["resnet20"]
+    assert '<label for="normalization">' in html and '<label for="manifest">' in html
+    assert "Download the clean images" not in html  # defense points stay hidden
+
+
+def test_unknown_phase_is_a_404_page_that_names_the_phases(
+    settings: Settings, passwords: dict[str, Account]
+) -> None:
+    with logged_in(settings, "alice") as client:
+        response = client.get(f"/assignments/{SLUG}/phases/nope")
+        missing = client.get("/no/such/page")
+        api = client.get("/api/v1/no/such/thing")
+    assert response.status_code == 404 and "text/html" in response.headers["content-type"]
+    assert "has no phase 'nope' (its phases: Attack)" in text_of(response.text)
+    assert missing.status_code == 404 and "Your assignments" in text_of(missing.text)
+    assert api.status_code == 404 and api.json()["error"]["code"] == "not_found"
+
+
+# --- Status, history and details --------------------------------------------------------------
+
+
+def submit_batch(client: TestClient, account: Account, batch: np.ndarray) -> str:
+    response = client.post(
+        f"{API_PHASE}/submissions",
+        headers=account.headers,
+        files={"file": ("adv.npy", npy_bytes(batch))},
+    )
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def test_status_goes_from_queue_position_to_the_score_and_history_lists_it(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    with logged_in(settings, "alice") as client:
+        first = submit_batch(client, passwords["alice"], perturbed(artifacts.eval_set.images))
+        second = submit_batch(client, passwords["alice"], perturbed(artifacts.eval_set.images, 4))
+        queued = client.get(f"/submissions/{second}/status")
+        assert queued.status_code == 200
+        assert 'data-final="false"' in queued.text
+        assert "Queued Position 2 in the queue." in text_of(queued.text)
+
+        assert run_scoring(first, settings=settings, session_factory=db) is Outcome.SCORED
+        scored = text_of(client.get(f"/submissions/{first}/status").text)
+        with db() as session:
+            score = session.get(Submission, first).score
+        assert f"Scored: {score * 100:.2f} % (mean accuracy" in scored
+
+        history = client.get("/submissions").text
+        assert history.index(second[:8]) < history.index(first[:8])  # newest first
+        assert f"{score * 100:.2f} %" in text_of(history)
+
+
+def test_running_defense_reports_its_attack_and_progress(
+    settings: Settings, passwords: dict[str, Account], db: sessionmaker[Session]
+) -> None:
+    submission_id = add_scored(db, passwords["alice"], 0.1, minutes_ago=2)
+    with db() as session:  # as the worker reports it from inside the full suite
+        row = session.get(Submission, submission_id)
+        row.status, row.score = SubmissionStatus.RUNNING, None
+        row.progress = {
+            "stage": "attack",
+            "suite": "full",
+            "attack": "apgd-t",
+            "attack_index": 2,
+            "attacks": 4,
+            "robust_points_left": 40,
+            "points_attacked": 50,
+            "points_to_attack": 100,
+        }
+        session.commit()
+    with logged_in(settings, "alice") as client:
+        html = client.get(f"/submissions/{submission_id}/status").text
+    assert 'data-final="false"' in html
+    assert (
+        "Running Attack 2 of 4 (apgd-t, full suite): 50 of 100 points attacked so far, "
+        "40 still robust." in text_of(html)
+    )
+    assert '<progress max="100.0" value="37.5"' in html  # 1.5 of 4 attacks done
+
+
+def test_failed_submission_says_why_and_that_it_is_not_counted(
+    settings: Settings, passwords: dict[str, Account], db: sessionmaker[Session]
+) -> None:
+    submission_id = add_scored(db, passwords["alice"], 0.1, minutes_ago=2)
+    with db() as session:
+        row = session.get(Submission, submission_id)
+        row.status, row.score = SubmissionStatus.FAILED, None
+        row.error_message = "Scoring stopped at the phase's time limit of 300 s."
+        session.commit()
+    with logged_in(settings, "alice") as client:
+        text = text_of(client.get(f"/submissions/{submission_id}/status").text)
+    assert "Failed Scoring stopped at the phase's time limit of 300 s." in text
+    assert "does not count against your quota" in text
+
+
+def test_a_student_cancels_a_queued_submission_from_its_page(
+    settings: Settings, passwords: dict[str, Account], artifacts: Artifacts
+) -> None:
+    with logged_in(settings, "alice") as alice:
+        mine = submit_batch(alice, passwords["alice"], perturbed(artifacts.eval_set.images))
+        assert "4 of 5 today" in text_of(alice.get("/").text)
+    with logged_in(settings, "bob") as bob:
+        other = bob.post(f"/submissions/{mine}/cancel", data={"csrf_token": page_csrf(bob)})
+        assert other.status_code == 404
+    with logged_in(settings, "alice") as alice:
+        page = alice.get(f"/submissions/{mine}").text
+        assert "Cancel this submission" in page
+        forged = alice.post(f"/submissions/{mine}/cancel", data={"csrf_token": "x"})
+        assert forged.status_code == 403
+        done = alice.post(f"/submissions/{mine}/cancel", data={"csrf_token": page_csrf(alice)})
+        assert done.status_code == 303 and done.headers["location"] == f"/submissions/{mine}"
+        after = text_of(alice.get(f"/submissions/{mine}").text)
+        assert "Cancelled; it does not count against your quota." in after
+        assert "Cancelled Cancelled by you" in after and "Cancel this submission" not in after
+        assert "5 of 5 today" in text_of(alice.get("/").text)
+        again = alice.post(f"/submissions/{mine}/cancel", data={"csrf_token": page_csrf(alice)})
+        assert "only queued submissions can be cancelled" in text_of(
+            alice.get(again.headers["location"]).text
+        )
+
+
+def test_students_cannot_open_another_students_submission_or_its_images(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+) -> None:
+    with logged_in(settings, "bob") as bob:
+        theirs = submit_batch(bob, passwords["bob"], perturbed(artifacts.eval_set.images))
+        assert bob.get(f"/submissions/{theirs}").status_code == 200
+    with logged_in(settings, "alice") as alice:
+        for path in (
+            f"/submissions/{theirs}",
+            f"/submissions/{theirs}/status",
+            f"/submissions/{theirs}/samples/0/adversarial.png",
+            f"/submissions/{theirs}/samples/0/clean.png",
+        ):
+            response = alice.get(path)
+            assert response.status_code == 404, path
+            assert b"\x89PNG" not in response.content
+        assert theirs[:8] not in alice.get("/submissions").text
+    with logged_in(settings, "ta") as ta:
+        assert ta.get(f"/submissions/{theirs}").status_code == 200
+        assert ta.get(f"/submissions/{theirs}/samples/0/clean.png").status_code == 200
+
+
+def test_attack_detail_shows_distance_histograms_and_real_sample_pngs(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    clean = artifacts.eval_set.images
+    batch = perturbed(clean, delta=6)
+    batch[0] = clean[0]  # one image left unchanged
+    with logged_in(settings, "alice") as client:
+        submission_id = submit_batch(client, passwords["alice"], batch)
+        assert run_scoring(submission_id, settings=settings, session_factory=db) is Outcome.SCORED
+        page = client.get(f"/submissions/{submission_id}")
+        assert page.status_code == 200
+        html = page.text
+
+        linf = distances(clean, batch, Norm.LINF).astype(int)
+        assert '<svg class="chart-svg histogram" id="linf-histogram"' in html
+        assert '<svg class="chart-svg histogram" id="l2-histogram"' in html
+        for distance in (0, 6):
+            count = int((linf == distance).sum())
+            title = f"<title>L-inf distance {distance}: {count} image{'' if count == 1 else 's'}"
+            assert title in html
+        assert "largest 6; 1 unchanged" in text_of(html)
+        assert "net-a" in html and "net-b" in html  # the per-model table
+
+        images = re.findall(rf"/submissions/{submission_id}/samples/(\d+)/(\w+)\.png", html)
+        assert {kind for _, kind in images} == {"clean", "adversarial", "perturbation"}
+        for index_text in sorted({i for i, _ in images}, key=int):
+            index = int(index_text)
+            pictures = {}
+            for kind in ("clean", "adversarial", "perturbation"):
+                response = client.get(f"/submissions/{submission_id}/samples/{index}/{kind}.png")
+                assert response.status_code == 200
+                assert response.headers["content-type"] == "image/png"
+                pictures[kind] = np.asarray(Image.open(io.BytesIO(response.content)))
+            np.testing.assert_array_equal(pictures["clean"], clean[index])
+            np.testing.assert_array_equal(pictures["adversarial"], batch[index])
+            change = batch[index].astype(int) - clean[index].astype(int)
+            shown = pictures["perturbation"].astype(int)
+            assert (shown[change == 0] == 128).all()
+            assert (shown[change > 0] > 128).all() and (shown[change < 0] < 128).all()
+        assert client.get(f"/submissions/{submission_id}/samples/999/clean.png").status_code == 404
+        bad_kind = client.get(f"/submissions/{submission_id}/samples/0/weights.png")
+        assert bad_kind.status_code == 422
+
+
+def test_defense_detail_shows_accuracies_breakdown_sweep_plot_and_flags(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+    tmp_path: Path,
+) -> None:
+    write_spec(settings.assignments_dir, spec_toml(artifacts, defense="eps_sweep = [4, 64]"))
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "model.safetensors"
+    write_safetensors(build_model(Architecture.RESNET20), checkpoint)
+    with logged_in(settings, "alice") as client:
+        response = client.post(
+            f"/api/v1/assignments/{SLUG}/phases/{DEFENSE_PHASE}/submissions",
+            headers={"X-CSRF-Token": page_csrf(client)},
+            files={"file": (checkpoint.name, checkpoint.read_bytes())},
+            data={"architecture": "resnet20", "normalization": "cifar10"},
+        )
+        assert response.status_code == 202, response.text
+        submission_id = response.json()["id"]
+        assert run_scoring(submission_id, settings=settings, session_factory=db) is Outcome.SCORED
+        html = client.get(f"/submissions/{submission_id}").text
+    with db() as session:
+        results = session.get(Submission, submission_id).results
+    text = text_of(html)
+    assert f"Clean accuracy {results['clean_accuracy'] * 100:.1f} %" in text
+    assert f"Robust accuracy (leaderboard) {results['robust_accuracy'] * 100:.1f} %" in text
+    assert "The quick suite (leaderboard)" in text and "The full suite (final)" in text
+    for stats in results["suites"]["full"]["attacks"]:
+        assert f"{stats['name']} {stats['points_attacked']} {stats['points_broken']}" in text
+    assert '<svg class="chart-svg line-plot" id="eps-sweep"' in html
+    sweep_eps = [point["eps"] for point in results["eps_sweep"]]
+    assert sweep_eps == [0.0, 4.0, 8.0, 64.0]
+    assert html.count('<circle class="point"') == len(sweep_eps)
+    for flag in results["flags"]:
+        assert unescape(flag["message"]) in unescape(html)
+    if not results["flags"]:
+        assert "No sign of gradient masking was found." in text
+
+
+# --- Leaderboards -----------------------------------------------------------------------------
+
+
+def test_leaderboard_ranks_pseudonyms_and_highlights_the_viewer(
+    settings: Settings, passwords: dict[str, Account], db: sessionmaker[Session]
+) -> None:
+    add_scored(db, passwords["alice"], 0.40, minutes_ago=9)
+    add_scored(db, passwords["alice"], 0.30, minutes_ago=8)
+    add_scored(db, passwords["bob"], 0.20, minutes_ago=7)
+    with db() as session:
+        names = {a: session.get(User, passwords[a].user_id).pseudonym for a in ("alice", "bob")}
+    with logged_in(settings, "alice") as client:
+        html = client.get(f"{PHASE_PAGE}/leaderboard").text
+    rows = re.findall(r"<tr(?: class=\"you\"[^>]*)?>(.*?)</tr>", html, re.S)[1:]
+    assert [text_of(r).split()[:3] for r in rows] == [
+        ["1", names["bob"], "20.00"],
+        ["2", names["alice"], "you"],
+    ]
+    you = re.search(r'<tr class="you"[^>]*>(.*?)</tr>', html, re.S)
+    assert you and names["alice"] in you.group(1) and "30.00 %" in you.group(1)
+    assert "lower is better" in text_of(html)
+    table = text_of(html.split('<table class="leaderboard">')[1].split("</table>")[0])
+    assert "alice" not in table and "bob" not in table  # students see pseudonyms only
+
+
+def test_leaderboard_page_needs_a_login_unless_the_course_makes_it_public(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    add_scored(db, passwords["bob"], 0.20, minutes_ago=3)
+    with app_client(settings) as anonymous:
+        assert anonymous.get(f"{PHASE_PAGE}/leaderboard").status_code == 303
+    write_spec(settings.assignments_dir, "public_leaderboard = true\n" + spec_toml(artifacts))
+    with app_client(settings) as anonymous:
+        board = anonymous.get(f"{PHASE_PAGE}/leaderboard")
+        assert board.status_code == 200
+        assert "20.00 %" in text_of(board.text) and 'class="you"' not in board.text
+        assert 'href="/login"' in board.text
+        assert anonymous.get(PHASE_PAGE).status_code == 303  # the rest stays private
