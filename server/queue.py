@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from server.assignments import SpecError, TimeLimits, load_assignment
@@ -81,17 +81,28 @@ def enqueue(session: Session, settings: Settings, submission_id: str) -> bool:
     return True
 
 
+UNSENT_GRACE_S = 15.0
+"""A queued submission without a task id is left to the request that is sending it this long
+(the API sends right after its commit); only after that does the sweeper send it."""
+
+
 def enqueue_pending(session: Session, settings: Settings) -> int:
     """Send every queued submission that never reached the broker, and again every one still
     queued ``settings.requeue_queued_after_s`` after it was sent (its message may have been lost
     with a broker that restarted without persistence; a duplicate is skipped by the worker's
     conditional claim). Returns how many were sent."""
-    cutoff = utcnow() - timedelta(seconds=settings.requeue_queued_after_s)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.requeue_queued_after_s)
+    unsent_cutoff = now - timedelta(seconds=UNSENT_GRACE_S)
     pending = session.execute(
         select(Submission.id, Submission.task_id)
         .where(
             Submission.status == SubmissionStatus.QUEUED,
-            or_(Submission.task_id.is_(None), Submission.enqueued_at < cutoff),
+            or_(
+                (Submission.task_id.is_(None))
+                & (func.coalesce(Submission.enqueued_at, Submission.created_at) < unsent_cutoff),
+                Submission.task_id.is_not(None) & (Submission.enqueued_at < cutoff),
+            ),
         )
         .order_by(Submission.created_at)
     ).all()
@@ -124,11 +135,11 @@ class SweepReport:
     sent: int
 
 
-def recover_stale(session: Session, settings: Settings) -> tuple[int, int]:
+def recover_stale(session: Session, settings: Settings) -> tuple[list[str], int]:
     """Requeue running submissions whose lease ran out (their worker died).
 
     After ``settings.max_attempts`` attempts a submission fails with an infrastructure error
-    instead, which is not charged to the student. Returns (requeued, failed).
+    instead, which is not charged to the student. Returns (the requeued ids, how many failed).
     """
     now = utcnow()
     stale = session.execute(
@@ -136,7 +147,8 @@ def recover_stale(session: Session, settings: Settings) -> tuple[int, int]:
             Submission.status == SubmissionStatus.RUNNING, Submission.lease_expires_at < now
         )
     ).all()
-    requeued = failed = 0
+    requeued: list[str] = []
+    failed = 0
     for submission_id, worker, attempts in stale:
         still_stale = (
             (Submission.id == submission_id)
@@ -165,7 +177,7 @@ def recover_stale(session: Session, settings: Settings) -> tuple[int, int]:
             if values["status"] is SubmissionStatus.FAILED:
                 failed += 1
             else:
-                requeued += 1
+                requeued.append(submission_id)
             log.warning(
                 "submission %s: lease of %s expired (attempt %d)", submission_id, worker, attempts
             )
@@ -175,4 +187,6 @@ def recover_stale(session: Session, settings: Settings) -> tuple[int, int]:
 def sweep(session: Session, settings: Settings) -> SweepReport:
     """Recover what a dead worker or a broker outage left behind; safe to run anywhere, often."""
     requeued, failed = recover_stale(session, settings)
-    return SweepReport(requeued=requeued, failed=failed, sent=enqueue_pending(session, settings))
+    sent = sum(enqueue(session, settings, submission_id) for submission_id in requeued)
+    sent += enqueue_pending(session, settings)
+    return SweepReport(requeued=len(requeued), failed=failed, sent=sent)

@@ -47,11 +47,12 @@ _CLEARED_OUTCOME: dict[str, Any] = {
     "scoring_key": None,
     "worker": None,
     "lease_expires_at": None,
-    "enqueued_at": None,
     "started_at": None,
     "finished_at": None,
 }
-"""What a regrade resets: the submission is queued as if just accepted (its upload is kept)."""
+"""What a regrade resets: the submission is queued as if just accepted (its upload is kept);
+``enqueued_at`` becomes the time it was queued again, so the sweeper leaves the sending to the
+request for :data:`server.queue.UNSENT_GRACE_S`."""
 
 
 class MissingReason(ServiceError):
@@ -173,7 +174,7 @@ def _requeue(session: Session, actor: User, submission: Submission, reason: str)
     changed = session.execute(
         update(Submission)
         .where(Submission.id == submission.id, Submission.status.in_(REGRADABLE))
-        .values(**_CLEARED_OUTCOME)
+        .values(**_CLEARED_OUTCOME, enqueued_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     if changed.rowcount != 1:  # type: ignore[attr-defined]

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from server.db import utcnow
 from server.main import create_app
 from server.models import Submission, SubmissionStatus
-from server.queue import enqueue, enqueue_pending, sweep
+from server.queue import UNSENT_GRACE_S, enqueue, enqueue_pending, sweep
 from tests.conftest import DEFENSE_PHASE, PHASE, SLUG, Account, Artifacts, spec_toml, write_spec
 from worker.celery_app import SCORE_TASK, celery_for
 
@@ -38,6 +38,10 @@ def test_submission_accepted_while_broker_is_down_is_sent_later(
     with db() as session:
         row = session.get(Submission, response.json()["id"])
         assert row.status is SubmissionStatus.QUEUED and row.task_id is None
+        # Just accepted: the request that saved it may still be sending it; left alone.
+        assert enqueue_pending(session, settings) == 0
+        row.created_at = utcnow() - timedelta(seconds=UNSENT_GRACE_S + 1)
+        session.commit()
         assert enqueue_pending(session, down) == 0  # still down: stays pending
         assert enqueue_pending(session, settings) == 1
         session.refresh(row)
