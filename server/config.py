@@ -6,7 +6,7 @@ from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET_KEY = "dev-insecure-secret-change-me"
@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     session_lifetime_s: float = Field(
         default=8 * 3600, gt=0, description="a browser login lasts this long, then asks again"
     )
+    rate_limits: bool = Field(default=True, description="answer 429 past the limits below")
+    upload_rate_per_user: str = Field(
+        default="20/60", description="uploads per API token or login: COUNT/SECONDS"
+    )
+    upload_rate_per_address: str = Field(
+        default="600/60", description="uploads per client address (a campus NAT shares one)"
+    )
+    login_rate_per_address: str = Field(
+        default="30/300", description="login and invitation attempts per client address"
+    )
+    login_failures_per_user: str = Field(
+        default="5/900", description="failed logins after which a username waits out the window"
+    )
     invitation_lifetime_s: float = Field(
         default=14 * 24 * 3600, gt=0, description="how long a roster invitation code works"
     )
@@ -86,6 +99,19 @@ class Settings(BaseSettings):
         default=None,
         description="send the session cookie only over HTTPS; default: on in production",
     )
+
+    @field_validator(
+        "upload_rate_per_user",
+        "upload_rate_per_address",
+        "login_rate_per_address",
+        "login_failures_per_user",
+    )
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from server.ratelimit import Rule
+
+        Rule.parse(value)
+        return value
 
     @model_validator(mode="after")
     def _derive_and_check(self) -> Settings:

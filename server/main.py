@@ -9,6 +9,7 @@ from server.catalog import Catalog
 from server.config import Settings, get_settings
 from server.db import session_factory_for
 from server.errors import install_error_handlers
+from server.ratelimit import RateLimitMiddleware, windows_for
 from server.web import install_pages
 from server.web.errors import page_error
 
@@ -37,4 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(system.metrics_router)
     install_pages(app)
+    app.state.rate_windows = windows_for(settings)
+    if settings.rate_limits:
+        app.add_middleware(RateLimitMiddleware, settings=settings, windows=app.state.rate_windows)
     return app
