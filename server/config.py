@@ -135,6 +135,19 @@ class Settings(BaseSettings):
                     "characters in production (e.g. `python -c 'import secrets; "
                     "print(secrets.token_urlsafe(48))'`); the development default is refused."
                 )
+            debug = [
+                name
+                for name, value in (
+                    ("AUTOGRADER_RATE_LIMITS", self.rate_limits),
+                    ("AUTOGRADER_SECURE_COOKIES", self.secure_cookies),
+                )
+                if not value
+            ]
+            if debug:
+                raise ValueError(
+                    f"{' and '.join(debug)} must stay on in production (they are for benchmarks "
+                    "and local trials); remove the setting, and serve the API behind HTTPS."
+                )
         return self
 
     @property

@@ -36,3 +36,10 @@ def test_production_refuses_default_or_short_secret(secret: str) -> None:
 def test_production_accepts_a_real_secret() -> None:
     settings = Settings(environment="production", secret_key="x" * 48)
     assert settings.environment is Environment.PRODUCTION
+
+
+@pytest.mark.parametrize("setting", ["rate_limits", "secure_cookies"])
+def test_production_refuses_debug_settings(setting: str) -> None:
+    with pytest.raises(ValidationError, match=f"AUTOGRADER_{setting.upper()} must stay on"):
+        Settings(environment="production", secret_key="x" * 48, **{setting: False})
+    assert getattr(Settings(secret_key="x" * 48, **{setting: False}), setting) is False
