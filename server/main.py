@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 
 from server.api.routes import accounts, assignments, staff, submissions, system
 from server.catalog import Catalog
@@ -14,6 +16,8 @@ from server.web import install_pages
 from server.web.errors import page_error
 
 API_PREFIX = "/api/v1"
+SWAGGER_UI = "/static/vendor/swagger-ui"
+"""The vendored Swagger UI (npm's swagger-ui-dist) the API docs page loads: no CDN."""
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -22,8 +26,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Adversarial ML autograder",
         version="0.1.0",
-        description="Attack-phase submissions for CIFAR-10 courses; see the README.",
+        description="Attack and defense phases for CIFAR-10 courses; see the README.",
         openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=None,  # served below from the vendored Swagger UI, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.catalog = Catalog.load(
@@ -38,6 +44,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(system.metrics_router)
     install_pages(app)
+
+    @app.get("/docs", include_in_schema=False)
+    def api_docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=f"{API_PREFIX}/openapi.json",
+            title="Adversarial ML autograder: API",
+            swagger_js_url=f"{SWAGGER_UI}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER_UI}/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+        )
+
     app.state.rate_windows = windows_for(settings)
     if settings.rate_limits:
         app.add_middleware(RateLimitMiddleware, settings=settings, windows=app.state.rate_windows)

@@ -40,3 +40,17 @@ def test_login_page_loads_from_the_server_alone(
     assert page_log.page_errors == [], page_log.page_errors
     assert page_log.requests, "the page made no request at all"
     assert page_log.foreign_requests() == [], page_log.foreign_requests()
+
+
+def test_api_docs_render_from_the_vendored_swagger_ui(
+    page: Page, page_log: PageLog, screenshot: Callable[[Page, str], Path]
+) -> None:
+    response = page.goto("/docs", wait_until="networkidle")
+    assert response is not None and response.status == 200
+    expect(
+        page.get_by_text("/api/v1/assignments/{slug}/phases/{phase_id}/submissions").first
+    ).to_be_visible()
+    screenshot(page, "api-docs")
+    assert page_log.page_errors == [], page_log.page_errors
+    assert page_log.foreign_requests() == [], page_log.foreign_requests()
+    assert any("/static/vendor/swagger-ui/swagger-ui-bundle.js" in url for url in page_log.requests)
