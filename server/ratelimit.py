@@ -4,8 +4,10 @@ Limits are fixed windows ("20 per 60 s") counted per address and per credential 
 or the session cookie, hashed). They are checked in an ASGI middleware before the request body
 is read, so a client over its limit cannot make the server parse an upload. Counters live in
 Redis when the broker is Redis, so every API process shares them; the embedded default (one API
-process) counts in memory. A username with too many failed logins is locked for the window
-(:func:`record_login_failure`, :func:`login_locked`), whatever address the attempts come from.
+process) counts in memory. If Redis is down, requests go through unlimited: an upload accepted
+while the broker is away is queued later, and the limits must not turn that into an error.
+A username with too many failed logins is locked for the window (:func:`record_login_failure`,
+:func:`login_locked`), whatever address the attempts come from.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import re
 import threading
@@ -33,6 +36,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 UPLOAD_PATH = re.compile(r"^/api/v1/assignments/[^/]+/phases/[^/]+/submissions/?$")
 LOGIN_PATHS = frozenset({"/login", "/invite", "/api/v1/invitations/accept"})
 ROSTER_PATH = "/api/v1/roster"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -181,7 +186,11 @@ class RateLimitMiddleware:
         for scope_name, rule in rules:
             if scope_name not in keys:
                 continue
-            count, left = await self.windows.hit(f"{kind}:{keys[scope_name]}", rule.window_s)
+            try:
+                count, left = await self.windows.hit(f"{kind}:{keys[scope_name]}", rule.window_s)
+            except Exception:  # the counters' Redis is down: let requests through, not fail them
+                log.warning("rate limit counters unavailable; %s not limited", kind, exc_info=True)
+                break
             if count > rule.limit:
                 await _too_many(send, scope, kind, scope_name, rule, left)
                 return

@@ -147,3 +147,22 @@ def test_redis_counters_are_shared_between_api_processes(tmp_path: Path) -> None
             return counts
 
         assert asyncio.run(scenario()) == [1, 2, 3, 3, 1]
+
+
+def test_unreachable_counters_let_uploads_through(
+    settings: Settings, db, accounts: dict[str, Account], artifacts: Artifacts
+) -> None:
+    down = settings.model_copy(
+        update={"celery_broker_url": "redis://127.0.0.1:9/0", "upload_rate_per_user": "1/60"}
+    )
+    with TestClient(create_app(down)) as client:
+        assert isinstance(client.app.state.rate_windows, RedisWindows)
+        codes = [
+            client.post(
+                f"{BASE}/submissions",
+                headers=accounts["alice"].headers,
+                files={"file": ("adv.npy", batch(artifacts, seed))},
+            ).status_code
+            for seed in (1, 2)
+        ]
+    assert codes == [202, 202]  # accepted (queued for later), not refused or failed
