@@ -110,7 +110,9 @@ class RedisWindows:
     def _client(self) -> Any:
         loop = id(asyncio.get_running_loop())  # a client belongs to one event loop
         if loop not in self._clients:
-            self._clients[loop] = self._factory(self._url, socket_timeout=2)
+            self._clients[loop] = self._factory(
+                self._url, socket_timeout=1, socket_connect_timeout=1
+            )
         return self._clients[loop]
 
     async def hit(self, key: str, window_s: float) -> tuple[int, float]:
