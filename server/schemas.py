@@ -118,6 +118,9 @@ class SubmissionPublic(BaseModel):
         default=None, description="the score that counts: a TA's override if any, else `score`"
     )
     override: ScoreOverridePublic | None = None
+    marked_at: datetime | None = Field(
+        default=None, description="when you marked it for the final selection (`marked` phases)"
+    )
     reused: bool = Field(
         default=False,
         description="set in the answer to an upload identical to one already scored in this "

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from server.assignments import AssignmentSpec, Feedback, PhaseSpec, Selection, Track
 from server.catalog import Catalog
 from server.db import utcnow
-from server.errors import Conflict, Forbidden, NotFound
+from server.errors import Conflict, Forbidden, NotFound, PhaseClosed
 from server.models import (
     AuditAction,
     AuditEvent,
@@ -38,6 +38,7 @@ from server.models import (
     User,
 )
 from server.schemas import SubmissionPublic
+from server.services.deadlines import due_for
 from server.services.staff import require_reason
 from server.services.submissions import to_public
 
@@ -263,7 +264,15 @@ def rounded(phase: PhaseSpec, score: float | None, *, staff: bool, revealed: boo
     return round(score, digits)
 
 
-AGGREGATE_KEYS = ("metric", "score", "evaluator_version", "n_images", "n_points", "flags")
+AGGREGATE_KEYS = (
+    "metric",
+    "score",
+    "clean_accuracy",
+    "evaluator_version",
+    "n_images",
+    "n_points",
+    "flags",
+)
 
 
 def student_view(
@@ -279,11 +288,22 @@ def student_view(
 
 
 def set_mark(
-    session: Session, *, user: User, submission: Submission, phase: PhaseSpec, marked: bool
+    session: Session,
+    *,
+    user: User,
+    submission: Submission,
+    assignment: AssignmentSpec,
+    phase: PhaseSpec,
+    marked: bool,
 ) -> Submission:
-    """Mark (or unmark) one of your scored submissions for the final selection."""
+    """Mark (or unmark) one of your scored submissions for the final selection, before your
+    deadline (unmarking changes the selection as much as marking)."""
     if submission.user_id != user.id:
         raise NotFound(f"No submission {submission.id!r} among yours.")
+    if utcnow() >= due_for(session, user, assignment, phase):
+        raise PhaseClosed(
+            f"{phase.title} is closed for you, so your final selection can no longer change."
+        )
     if phase.leaderboard.selection is not Selection.MARKED:
         raise Conflict(
             f"Phase {phase.id!r} selects {SELECTION_RULES[phase.leaderboard.selection]}; "
@@ -414,10 +434,14 @@ def submission_for(
     if board.feedback is Feedback.FULL and board.round_to is None:
         return public
     revealed = is_revealed(session, assignment, phase)
+    results = student_view(phase, public.results, revealed=revealed)
+    if results is not None and results.get("score") is not None:
+        score = rounded(phase, results["score"], staff=False, revealed=revealed)
+        results = {**results, "score": score}
     return public.model_copy(
         update={
             "score": rounded(phase, public.score, staff=False, revealed=revealed),
             "final_score": rounded(phase, public.final_score, staff=False, revealed=revealed),
-            "results": student_view(phase, public.results, revealed=revealed),
+            "results": results,
         }
     )

@@ -367,7 +367,7 @@ def raise_quota(
         grant = QuotaGrant(user_id=student.id, assignment_slug=assignment.slug, phase_id=phase.id)
         session.add(grant)
     grant.extra_per_day, grant.extra_total = extra_per_day, extra_total
-    grant.reason, grant.granted_by_id = text, actor.id
+    grant.reason, grant.granted_by_id, grant.created_at = text, actor.id, utcnow()
     _record(
         session,
         actor,

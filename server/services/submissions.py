@@ -342,6 +342,7 @@ def to_public(session: Session, submission: Submission, *, viewer: User) -> Subm
         attempts=submission.attempts,
         final_score=submission.final_score,
         override=_override_public(submission, staff=staff),
+        marked_at=submission.marked_at,
     )
 
 

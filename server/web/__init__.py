@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
+from server.web.account_pages import router as account_router
 from server.web.auth import router as login_router
 from server.web.pages import router as pages_router
 from server.web.staff_pages import router as staff_router
@@ -16,9 +17,10 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 
 def install_pages(app: FastAPI) -> None:
-    """Serve ``/static`` and the page routes (login, home, phases, submissions, leaderboards,
-    the TA pages under ``/ta``)."""
+    """Serve ``/static`` and the page routes (login, invitations, home, phases, submissions,
+    leaderboards, the account page, the TA pages under ``/ta``)."""
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.include_router(login_router)
     app.include_router(pages_router)
+    app.include_router(account_router)
     app.include_router(staff_router)

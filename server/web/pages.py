@@ -1,5 +1,7 @@
 """The student pages: home (assignments, deadlines, quotas), a phase (rules, downloads, upload,
-live status), submission history and details (sample images, charts, flags) and leaderboards."""
+live status), submission history and details (sample images, charts, flags, marks for the final
+selection) and leaderboards. A student sees scores and results only as
+:func:`server.services.boards.submission_for` gives them; staff see everything."""
 
 from __future__ import annotations
 
@@ -7,14 +9,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
+from sqlalchemy.orm import Session
 
 from server.assignments import AssignmentSpec, PhaseSpec, Track
 from server.catalog import Catalog
+from server.config import Settings
 from server.db import utcnow
 from server.deps import CatalogDep, OptionalUser, SessionDep, SettingsDep, public_or_logged_in
-from server.errors import Conflict
+from server.errors import Conflict, ServiceError
 from server.models import Submission
-from server.services import staff
+from server.services import boards, staff
 from server.services import submissions as submission_service
 from server.services.boards import Board
 from server.services.catalog_views import METRIC_DESCRIPTIONS
@@ -24,9 +28,11 @@ from server.web.common import (
     PAGE_HEADERS,
     CheckedForm,
     Flash,
+    FormPost,
     PageUser,
     redirect,
     render,
+    safe_next,
     submission_url,
     templates,
 )
@@ -73,6 +79,7 @@ def phase_page(
     page = views.phase_page(
         session=session,
         settings=settings,
+        catalog=catalog,
         user=user,
         assignment=assignment,
         phase=phase,
@@ -91,7 +98,8 @@ def history(
     phase: str | None = None,
     page: Annotated[int, Query(ge=1)] = 1,
 ) -> HTMLResponse:
-    """The viewer's own submissions, newest first."""
+    """The viewer's own submissions, newest first, with the Mark and Unmark buttons of phases
+    whose final selection is ``marked``."""
     rows, total = submission_service.list_submissions(
         session=session,
         user=user,
@@ -101,19 +109,12 @@ def history(
         limit=HISTORY_PAGE_SIZE,
         offset=(page - 1) * HISTORY_PAGE_SIZE,
     )
-    entries = [
-        (
-            row,
-            *_phase_of(catalog, row),
-            views.status_view(submission_service.to_public(session, row, viewer=user)),
-        )
-        for row in rows
-    ]
+    shown = views.history(session=session, catalog=catalog, user=user, rows=rows, now=utcnow())
     return render(
         request,
         "submissions.html",
         {
-            "entries": entries,
+            "history": shown,
             "total": total,
             "page": page,
             "pages": max(1, -(-total // HISTORY_PAGE_SIZE)),
@@ -135,18 +136,27 @@ def submission_detail(
     catalog: CatalogDep,
 ) -> HTMLResponse:
     """One submission: status, score and what it is made of (404 unless it is the viewer's own
-    or the viewer is staff)."""
+    or the viewer is staff), and its mark in a ``marked`` phase."""
     row = submission_service.get_visible_submission(
         session=session, user=user, submission_id=submission_id
     )
     assignment, phase = _phase_of(catalog, row)
-    public = submission_service.to_public(session, row, viewer=user)
+    public = boards.submission_for(session, catalog, row, viewer=user)
     track = phase.track if phase else Track.DEFENSE if row.manifest else Track.ATTACK
     attack = defense = None
     if track is Track.DEFENSE:
-        defense = views.defense_detail(phase=phase, submission=row) if row.results else None
+        defense = (
+            views.defense_detail(phase=phase, results=public.results) if public.results else None
+        )
     else:
-        attack = views.attack_detail(settings=settings, phase=phase, submission=row)
+        attack = views.attack_detail(
+            settings=settings, phase=phase, submission=row, results=public.results
+        )
+    marking = None
+    if assignment is not None and phase is not None and row.user_id == user.id:
+        marking = views.marking(
+            session=session, user=user, assignment=assignment, phase=phase, now=utcnow()
+        )
     return render(
         request,
         "submission.html",
@@ -156,8 +166,13 @@ def submission_detail(
             "assignment": assignment,
             "phase": phase,
             "status": views.status_view(public),
+            "withheld": views.results_withheld(public.results),
             "attack": attack,
             "defense": defense,
+            "marking": marking,
+            "selection_rule": boards.SELECTION_RULES[phase.leaderboard.selection] if phase else "",
+            "marked": row.marked_at is not None,
+            "mark": views.mark_action(row, marking, user),
             "active": "submissions",
         },
         viewer=user,
@@ -181,16 +196,89 @@ def cancel_submission(
     )
 
 
+@router.post("/submissions/{submission_id}/mark")
+def mark_submission(
+    submission_id: str,
+    posted: CheckedForm,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+) -> Response:
+    """A student marks one of their scored submissions for the final selection."""
+    return _set_mark(submission_id, posted, session, settings, catalog, marked=True)
+
+
+@router.post("/submissions/{submission_id}/unmark")
+def unmark_submission(
+    submission_id: str,
+    posted: CheckedForm,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+) -> Response:
+    """A student takes back a mark."""
+    return _set_mark(submission_id, posted, session, settings, catalog, marked=False)
+
+
+def _set_mark(
+    submission_id: str,
+    posted: FormPost,
+    session: Session,
+    settings: Settings,
+    catalog: Catalog,
+    *,
+    marked: bool,
+) -> Response:
+    """Mark or unmark through :func:`boards.set_mark`, then back to the page the form was on
+    (its ``back`` field) with what happened; after the student's deadline the service refuses
+    both."""
+    row = submission_service.get_visible_submission(
+        session=session, user=posted.user, submission_id=submission_id
+    )
+    back = posted.form.get("back")
+    here = safe_next(back) if isinstance(back, str) and back else submission_url(row.id)
+    assignment, phase = _phase_of(catalog, row)
+    if assignment is None or phase is None:
+        return redirect(
+            here, settings, Flash("error", "This submission's phase is no longer in the course.")
+        )
+    try:
+        boards.set_mark(
+            session,
+            user=posted.user,
+            submission=row,
+            assignment=assignment,
+            phase=phase,
+            marked=marked,
+        )
+    except ServiceError as exc:
+        return redirect(here, settings, Flash("error", exc.message))
+    state = views.marking(
+        session=session, user=posted.user, assignment=assignment, phase=phase, now=utcnow()
+    )
+    count = f" You have marked {state.marked} of {state.max_marked}." if state else ""
+    done = "is marked for" if marked else "is no longer marked for"
+    return redirect(
+        here,
+        settings,
+        Flash("success", f"Submission {row.id[:8]} {done} the final selection.{count}"),
+    )
+
+
 @router.get("/submissions/{submission_id}/status", response_class=HTMLResponse)
 def submission_status(
-    submission_id: str, user: PageUser, session: SessionDep, link: bool = True
+    submission_id: str,
+    user: PageUser,
+    session: SessionDep,
+    catalog: CatalogDep,
+    link: bool = True,
 ) -> HTMLResponse:
     """The live status region of a submission as an HTML fragment (what the pages poll);
     ``link=false`` leaves out the link to the detail page (the detail page itself polls)."""
     row = submission_service.get_visible_submission(
         session=session, user=user, submission_id=submission_id
     )
-    status = views.status_view(submission_service.to_public(session, row, viewer=user))
+    status = views.status_view(boards.submission_for(session, catalog, row, viewer=user))
     html = templates.get_template("_status.html").render(status=status, status_link=link)
     return HTMLResponse(html, headers=PAGE_HEADERS)
 

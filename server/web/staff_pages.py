@@ -1,7 +1,10 @@
-"""The TA pages: the dashboard (queues, workers, every submission with filters), one submission
-with its log and the cancel, regrade and override forms, a phase's regrade-all, extensions and
-score export, and the audit log. Every action goes through :mod:`server.services.staff`, which
-records it; the forms answer with a redirect and a flash message (post/redirect/get)."""
+"""The TA pages: the dashboard (queues, workers, every submission with filters, the roster
+import), one submission with its log and the cancel, regrade and override forms, a phase's
+regrade-all, extensions, quota grants, private-board reveal and the score and grade exports, and
+the audit log. Every action goes through a service (:mod:`server.services.staff`,
+:mod:`~server.services.boards`, :mod:`~server.services.accounts`), which records it; the forms
+answer with a redirect and a flash message (post/redirect/get), except the roster import, whose
+invitation codes are shown on the page that answers it, once."""
 
 from __future__ import annotations
 
@@ -9,13 +12,13 @@ import math
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, RedirectResponse
-from starlette.datastructures import FormData
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.datastructures import FormData, UploadFile
 
 from server.config import Settings
 from server.deps import CatalogDep, SessionDep, SettingsDep
 from server.errors import Conflict, Forbidden, NotFound, ServiceError
-from server.services import staff
+from server.services import accounts, boards, staff
 from server.services import submissions as submission_service
 from server.services.health import health
 from server.web import staff_views, views
@@ -34,6 +37,7 @@ router = APIRouter(prefix="/ta", include_in_schema=False)
 
 PAGE_SIZE = 50
 AUDIT_PAGE_SIZE = 100
+ROSTER_URL = "/ta#roster-heading"
 
 
 def require_staff_form(posted: CheckedForm) -> FormPost:
@@ -285,10 +289,12 @@ def phase_page(
     session: SessionDep,
     catalog: CatalogDep,
 ) -> HTMLResponse:
-    """A phase's staff actions: regrade all or the failed ones, extensions, the score export."""
+    """A phase's staff actions: regrade all or the failed ones, extensions, quota grants, the
+    private board's reveal, the score and grade exports."""
     assignment = views.find_assignment(catalog, slug)
     phase = catalog.phase(assignment, phase_id)
     (summary,) = staff_views.phase_summaries(session, catalog, only=(assignment, phase))
+    api = f"/api/v1/assignments/{slug}/phases/{phase_id}"
     return render(
         request,
         "ta_phase.html",
@@ -297,14 +303,106 @@ def phase_page(
             "assignment": assignment,
             "phase": phase,
             "extensions": staff.list_extensions(session, assignment, phase),
+            "quota_grants": staff_views.quota_grants(session, assignment, phase),
             "students": staff_views.usernames(session),
             "deadline_min": staff_views.local_input_value(phase.due_at, assignment.zone),
-            "export_url": f"/api/v1/assignments/{slug}/phases/{phase_id}/scores.csv",
+            "export_url": f"{api}/scores.csv",
             "export_columns": staff.EXPORT_COLUMNS,
+            "grades_url": f"{api}/grades.csv",
+            "grade_columns": boards.GRADE_COLUMNS,
+            "revealed": boards.is_revealed(session, assignment, phase),
+            "closes_at": boards.closes_at(session, assignment, phase),
+            "selection_rule": boards.SELECTION_RULES[phase.leaderboard.selection],
+            "max_extra": staff.MAX_EXTRA_SUBMISSIONS,
             "phase_page_url": phase_page_url,
             "active": "ta",
         },
         viewer=user,
+    )
+
+
+@router.post("/assignments/{slug}/phases/{phase_id}/reveal")
+def reveal_board(
+    slug: str,
+    phase_id: str,
+    posted: StaffForm,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+) -> RedirectResponse:
+    assignment = views.find_assignment(catalog, slug)
+    phase = catalog.phase(assignment, phase_id)
+    url = phase_page_url(slug, phase_id)
+    try:
+        boards.reveal(
+            session,
+            actor=posted.user,
+            assignment=assignment,
+            phase=phase,
+            reason=_field(posted.form, "reason"),
+        )
+    except ServiceError as exc:
+        return _refused(url, settings, exc)
+    return redirect(
+        url,
+        settings,
+        Flash(
+            "success",
+            f"The private board of {phase.title} is open: students now see it, their final "
+            "selection and their full results.",
+        ),
+    )
+
+
+@router.post("/assignments/{slug}/phases/{phase_id}/quota")
+def raise_quota(
+    slug: str,
+    phase_id: str,
+    posted: StaffForm,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+) -> RedirectResponse:
+    assignment = views.find_assignment(catalog, slug)
+    phase = catalog.phase(assignment, phase_id)
+    url = phase_page_url(slug, phase_id)
+    username = _field(posted.form, "username")
+    if not username:
+        return _refuse(url, settings, "give the username of the student.")
+    extra: dict[str, int] = {}
+    for name, words in (("extra_per_day", "extra per day"), ("extra_total", "extra in total")):
+        raw = _field(posted.form, name) or "0"
+        try:
+            extra[name] = int(raw)
+        except ValueError:
+            return _refuse(
+                url, settings, f"{words} must be a whole number of submissions, not {raw!r}."
+            )
+    try:
+        grant = staff.raise_quota(
+            session,
+            actor=posted.user,
+            assignment=assignment,
+            phase=phase,
+            username=username,
+            reason=_field(posted.form, "reason"),
+            **extra,
+        )
+    except ServiceError as exc:
+        return _refused(url, settings, exc)
+    quota = submission_service.quota(
+        session=session, user=grant.user, assignment=assignment, phase=phase
+    )
+    per_day = "no daily limit" if quota.max_per_day is None else f"{quota.max_per_day} per day"
+    total = "no limit in total" if quota.max_total is None else f"{quota.max_total} in total"
+    return redirect(
+        url,
+        settings,
+        Flash(
+            "success",
+            f"{username} may now submit {per_day} and {total} to {phase.title} "
+            f"(+{grant.extra_per_day} per day, +{grant.extra_total} in total).",
+        ),
     )
 
 
@@ -429,6 +527,52 @@ def revoke_extension(
             f"{username}'s extension is revoked; their deadline for {phase.title} "
             f"is the phase's again, {when}.",
         ),
+    )
+
+
+# --- Roster -----------------------------------------------------------------------------------
+
+
+@router.post("/roster", response_class=HTMLResponse)
+def import_roster(
+    request: Request,
+    posted: StaffForm,
+    session: SessionDep,
+    settings: SettingsDep,
+    catalog: CatalogDep,
+) -> Response:
+    """Create or update the students of a CSV roster and show each new invitation code with its
+    link, on this page only (the codes are stored hashed). A bad roster imports nobody and goes
+    back to the dashboard with every problem named."""
+    upload = posted.form.get("file")
+    if not isinstance(upload, UploadFile) or not upload.filename:
+        return _refuse(ROSTER_URL, settings, "choose the roster's CSV file.")
+    content = upload.file.read(accounts.MAX_ROSTER_BYTES + 1)
+    try:
+        imported = accounts.import_roster(
+            session,
+            actor=posted.user,
+            content=content,
+            secret_key=settings.secret_key,
+            lifetime_s=settings.invitation_lifetime_s,
+            reissue=_field(posted.form, "reissue") == "yes",
+        )
+    except ServiceError as exc:
+        return _refused(ROSTER_URL, settings, exc)
+    return render(
+        request,
+        "ta_roster.html",
+        {
+            "file_name": upload.filename,
+            "imported": imported,
+            "invite_url": staff_views.invite_url(settings),
+            "created": sum(entry.created for entry in imported),
+            "invitations": sum(entry.invitation_code is not None for entry in imported),
+            "expires_at": staff_views.invitation_expiry(settings),
+            "zone": views.catalog_zone(catalog),
+            "active": "ta",
+        },
+        viewer=posted.user,
     )
 
 

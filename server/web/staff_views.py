@@ -1,11 +1,12 @@
 """What the TA pages show: the dashboard's filters and counts, a failure in words with what to do
-about it, the audit log in plain sentences, and deadlines typed in the course timezone. The
-pages call these; they read the database and never write (the staff service does)."""
+about it, a phase's quota grants, invitation links, the audit log in plain sentences, and
+deadlines typed in the course timezone. The pages call these; they read the database and never
+write (the services do)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
@@ -15,11 +16,14 @@ from sqlalchemy.orm import Session
 
 from server.assignments import AssignmentSpec, PhaseSpec
 from server.catalog import Catalog
+from server.config import Settings
+from server.db import utcnow
 from server.models import (
     AuditAction,
     AuditEvent,
     Extension,
     FailureCause,
+    QuotaGrant,
     Role,
     Submission,
     SubmissionStatus,
@@ -255,6 +259,34 @@ def submission_rows(catalog: Catalog, rows: list[Submission]) -> list[Submission
     return result
 
 
+# --- Quotas and invitations -------------------------------------------------------------------
+
+
+def quota_grants(
+    session: Session, assignment: AssignmentSpec, phase: PhaseSpec
+) -> list[QuotaGrant]:
+    """The phase's quota grants (extra submissions for one student), by username."""
+    return list(
+        session.scalars(
+            select(QuotaGrant)
+            .join(User, User.id == QuotaGrant.user_id)
+            .where(QuotaGrant.assignment_slug == assignment.slug, QuotaGrant.phase_id == phase.id)
+            .order_by(User.username)
+        )
+    )
+
+
+def invite_url(settings: Settings) -> str:
+    """Where invitation links point (the code goes after it), as ``autograder roster import``
+    writes them."""
+    return f"{settings.public_url}/invite?code="
+
+
+def invitation_expiry(settings: Settings) -> datetime:
+    """When invitation codes issued now stop working."""
+    return utcnow() + timedelta(seconds=settings.invitation_lifetime_s)
+
+
 # --- Deadlines typed in a form ----------------------------------------------------------------
 
 
@@ -299,6 +331,9 @@ ACTION_NAMES = {
     AuditAction.OVERRIDE: "Score override",
     AuditAction.EXTENSION_GRANTED: "Extension granted",
     AuditAction.EXTENSION_REVOKED: "Extension revoked",
+    AuditAction.QUOTA_RAISED: "Quota raised",
+    AuditAction.ROSTER_IMPORTED: "Roster imported",
+    AuditAction.REVEAL: "Private board revealed",
 }
 
 
@@ -333,7 +368,22 @@ def audit_details(event: AuditEvent, zone: ZoneInfo) -> str:
         words = f"until {_iso_local(details.get('due_at'), zone)}"
         previous = details.get("previous_due_at")
         return words + (f" (replaces {_iso_local(previous, zone)})" if previous else "")
-    return f"had until {_iso_local(details.get('due_at'), zone)}"
+    if event.action is AuditAction.EXTENSION_REVOKED:
+        return f"had until {_iso_local(details.get('due_at'), zone)}"
+    if event.action is AuditAction.QUOTA_RAISED:
+        words = (
+            f"+{details.get('extra_per_day', 0)} per day, +{details.get('extra_total', 0)} in total"
+        )
+        previous = details.get("previous") or [0, 0]
+        if any(previous):
+            words += f" (was +{previous[0]} per day, +{previous[1]} in total)"
+        return words
+    if event.action is AuditAction.ROSTER_IMPORTED:
+        return (
+            f"{details.get('students', 0)} students ({details.get('created', 0)} new), "
+            f"{details.get('invitations', 0)} invitation codes issued"
+        )
+    return "the private board opened to students"
 
 
 @dataclass(frozen=True)

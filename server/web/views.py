@@ -1,6 +1,8 @@
 """What the student pages show, in plain words: phase cards and rules, a submission's status,
-and the details of a scored attack batch or defense. Pages call these; they read the database
-through the services and never write."""
+the final selection and its marks, and the details of a scored attack batch or defense. Pages
+call these; they read the database through the services and never write. Scores and results
+reach a student only through :func:`server.services.boards.submission_for` (rounded, and cut to
+aggregate numbers while the phase's feedback says so)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from graders.attacks.masking import FlagCode
@@ -17,13 +21,13 @@ from graders.batch_formats import ACCEPTED_FORMATS
 from graders.errors import ArtifactError
 from graders.threat_model import Norm
 from server.artifacts import load_verified_eval_set
-from server.assignments import AssignmentSpec, PhaseSpec, Track
+from server.assignments import AssignmentSpec, Feedback, PhaseSpec, Selection, Track
 from server.catalog import Catalog
 from server.config import Settings
 from server.errors import NotFound
 from server.models import Submission, SubmissionStatus, User
 from server.schemas import PhasePublic, QuotaPublic, SubmissionPublic
-from server.services import catalog_views
+from server.services import boards, catalog_views
 from server.services import submissions as submission_service
 from server.services.deadlines import due_for
 from server.web import figures
@@ -42,6 +46,15 @@ def threat_model_text(norm: Norm, eps: float) -> str:
         f"L2, eps {eps / 255:.3g} on [0, 1] images ({eps:g} on the 0-255 scale): the length of "
         "each image's whole change"
     )
+
+
+def catalog_zone(catalog: Catalog) -> ZoneInfo:
+    """The timezone of times that belong to no one assignment (an account's tokens, an
+    invitation's expiry): the course's, when its assignments agree on one, else UTC."""
+    zones = {assignment.timezone for assignment in catalog.assignments.values()}
+    if len(zones) == 1:
+        return next(iter(catalog.assignments.values())).zone
+    return ZoneInfo("UTC")
 
 
 def find_assignment(catalog: Catalog, slug: str) -> AssignmentSpec:
@@ -135,12 +148,18 @@ class PhasePage:
     upload: UploadRules
     quota_url: str
     latest: StatusView | None
+    selection: str
+    """Which submission counts for the grade, in words."""
+    feedback: str | None
+    """What students see of their results during the phase, when it is less than everything."""
+    marking: Marking | None
 
 
 def phase_page(
     *,
     session: Session,
     settings: Settings,
+    catalog: Catalog,
     user: User,
     assignment: AssignmentSpec,
     phase: PhaseSpec,
@@ -183,10 +202,157 @@ def phase_page(
             url=public.submissions_url,
         ),
         quota_url=f"/api/v1/assignments/{assignment.slug}/phases/{phase.id}/quota",
-        latest=status_view(submission_service.to_public(session, rows[0], viewer=user))
+        latest=status_view(boards.submission_for(session, catalog, rows[0], viewer=user))
         if rows
         else None,
+        selection=selection_text(phase),
+        feedback=feedback_text(phase),
+        marking=marking(session=session, user=user, assignment=assignment, phase=phase, now=now),
     )
+
+
+# --- Final selection and feedback -------------------------------------------------------------
+
+
+def selection_text(phase: PhaseSpec) -> str:
+    """Which submission decides the grade, in words (:data:`boards.SELECTION_RULES`)."""
+    board = phase.leaderboard
+    text = f"Your grade counts {boards.SELECTION_RULES[board.selection]}."
+    if board.selection is Selection.MARKED:
+        text += (
+            f" Mark up to {board.max_marked} of your scored submissions on your submissions "
+            "page, before your deadline."
+        )
+    return text
+
+
+def feedback_text(phase: PhaseSpec) -> str | None:
+    """What a student sees of their results while the private board is closed, when the phase
+    shows less than everything."""
+    board = phase.leaderboard
+    parts = []
+    if board.feedback is Feedback.AGGREGATE:
+        per = "hidden model" if phase.track is Track.ATTACK else "attack"
+        parts.append(
+            f"Until the private board opens you see your overall score only, not the results "
+            f"per {per}."
+        )
+    if board.round_to is not None:
+        example = round(0.123456, board.round_to)
+        parts.append(
+            f"Scores are rounded to {board.round_to} decimals until then (0.123456 shows as "
+            f"{example * 100:.2f} %)."
+        )
+    return " ".join(parts) or None
+
+
+def results_withheld(results: dict[str, Any] | None) -> bool:
+    """Whether a student's view of results was cut to aggregate numbers
+    (:func:`boards.student_view` marks it with a ``feedback`` entry)."""
+    return results is not None and "feedback" in results
+
+
+@dataclass(frozen=True)
+class Marking:
+    """A student's marks in a phase whose final selection is ``marked``."""
+
+    marked: int
+    max_marked: int
+    open: bool
+    """Before the student's deadline: marks can still change."""
+
+    @property
+    def full(self) -> bool:
+        return self.marked >= self.max_marked
+
+
+def marking(
+    *, session: Session, user: User, assignment: AssignmentSpec, phase: PhaseSpec, now: datetime
+) -> Marking | None:
+    """How many of their submissions ``user`` marked in ``phase`` (``None``: the phase's
+    selection is not ``marked``)."""
+    board = phase.leaderboard
+    if board.selection is not Selection.MARKED:
+        return None
+    count = session.scalar(
+        select(func.count())
+        .select_from(Submission)
+        .where(
+            Submission.user_id == user.id,
+            Submission.assignment_slug == assignment.slug,
+            Submission.phase_id == phase.id,
+            Submission.marked_at.is_not(None),
+        )
+    )
+    due = due_for(session, user, assignment, phase)
+    return Marking(marked=count or 0, max_marked=board.max_marked, open=now < due)
+
+
+def mark_action(submission: Submission, state: Marking | None, viewer: User) -> str | None:
+    """The button a submission offers its owner: ``mark``, ``unmark`` or none (another phase
+    rule, the deadline has passed, not scored, or as many marked as the phase allows)."""
+    if state is None or not state.open or submission.user_id != viewer.id:
+        return None
+    if submission.marked_at is not None:
+        return "unmark"
+    if submission.status is SubmissionStatus.SCORED and not state.full:
+        return "mark"
+    return None
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """A row of the student's history: the submission as they may see it."""
+
+    submission: Submission
+    assignment: AssignmentSpec | None
+    phase: PhaseSpec | None
+    public: SubmissionPublic
+    status: StatusView
+    marked: bool
+    mark: str | None
+
+
+@dataclass(frozen=True)
+class History:
+    rows: list[HistoryRow]
+    markings: list[tuple[AssignmentSpec, PhaseSpec, Marking]]
+    """The ``marked`` phases among the rows, with the viewer's count of marks."""
+
+
+def history(
+    *, session: Session, catalog: Catalog, user: User, rows: list[Submission], now: datetime
+) -> History:
+    """The viewer's submissions with their scores as the viewer may see them and, in phases
+    whose selection is ``marked``, whether each is marked and which button it offers."""
+    states: dict[tuple[str, str], tuple[AssignmentSpec, PhaseSpec, Marking] | None] = {}
+    result = []
+    for row in rows:
+        assignment = catalog.assignments.get(row.assignment_slug)
+        phase = assignment.phase(row.phase_id) if assignment is not None else None
+        key = (row.assignment_slug, row.phase_id)
+        if key not in states:
+            state = None
+            if assignment is not None and phase is not None:
+                found = marking(
+                    session=session, user=user, assignment=assignment, phase=phase, now=now
+                )
+                state = (assignment, phase, found) if found is not None else None
+            states[key] = state
+        state = states[key]
+        public = boards.submission_for(session, catalog, row, viewer=user)
+        result.append(
+            HistoryRow(
+                submission=row,
+                assignment=assignment,
+                phase=phase,
+                public=public,
+                status=status_view(public),
+                marked=state is not None and row.marked_at is not None,
+                mark=mark_action(row, state[2] if state else None, user),
+            )
+        )
+    return History(rows=result, markings=[s for s in states.values() if s is not None])
 
 
 # --- Status ---------------------------------------------------------------------------------
@@ -314,11 +480,16 @@ class AttackDetail:
 
 
 def attack_detail(
-    *, settings: Settings, phase: PhaseSpec | None, submission: Submission
+    *,
+    settings: Settings,
+    phase: PhaseSpec | None,
+    submission: Submission,
+    results: dict[str, Any] | None,
 ) -> AttackDetail:
-    """The per-model results and, from the stored batch against the clean images, sample
-    images and the distance histograms."""
-    results = submission.results or {}
+    """The per-model results in ``results`` (the viewer's view of them) and, from the stored
+    batch against the clean images, sample images and the distance histograms (the student
+    holds both already, so these are shown whatever the phase's feedback)."""
+    results = results or {}
     fooled = results.get("fooled_by_k") or []
     detail = AttackDetail(
         models=list(results.get("models") or []),
@@ -428,10 +599,10 @@ def _flag_view(flag: dict[str, Any]) -> FlagView:
     return FlagView(code=code, title=title, message=str(flag.get("message", "")))
 
 
-def defense_detail(*, phase: PhaseSpec | None, submission: Submission) -> DefenseDetail:
+def defense_detail(*, phase: PhaseSpec | None, results: dict[str, Any]) -> DefenseDetail:
     """Clean and robust accuracy, each suite's per-attack breakdown, the eps sweep as a plot,
-    the gradient-masking flags and a summary of the transfer attacks."""
-    results = submission.results or {}
+    the gradient-masking flags and a summary of the transfer attacks, from ``results`` as the
+    viewer may see them (what is not there is not shown)."""
     board, final = results.get("leaderboard_suite"), results.get("final_suite")
     suites = []
     for name, report in (results.get("suites") or {}).items():

@@ -1,7 +1,8 @@
 """A student's visit in the browser, on the live service with a real worker: log in through the
-form, open the attack phase, upload a batch through the page, watch the status turn to scored
-without a reload, read the result (sample images, distance histograms) and find themself on the
-leaderboard; the phase page on a phone; the login form with the keyboard alone."""
+form, open the attack phase, upload a batch through the page, see it queued at once and watch the
+status turn to scored without a reload, read the result (sample images, distance histograms),
+find themself on the leaderboard and open their account page; the phase page on a phone; the
+login form with the keyboard alone."""
 
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def test_student_submits_an_attack_and_reads_the_result(
     assert page.evaluate("() => window.notReloaded") is True, "the page was reloaded"
     seen = page.evaluate("() => window.statusTexts")
     assert "You have not submitted" in seen[0] and "Scored" in seen[-1], seen
+    assert "Queued" in seen[1], seen  # the upload's answer, shown before the first poll
     screenshot(page, "scored")
 
     # The result: hidden models, the sample images (loaded), the distance histograms.
@@ -136,6 +138,13 @@ def test_student_submits_an_attack_and_reads_the_result(
     expect(mine).to_contain_text("you")
     expect(board).not_to_contain_text(STUDENT)
     screenshot(page, "leaderboard")
+
+    # The account page, through the navigation: the pseudonym and a token form.
+    page.get_by_role("navigation", name="Main").get_by_role("link", name="Account").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Your account")
+    expect(page.get_by_label("Pseudonym")).to_have_value(pseudonym)
+    expect(page.get_by_role("form", name="Create a token")).to_be_visible()
+    screenshot(page, "account")
 
     # The phase page on a phone: readable without sideways scrolling.
     log_in(phone_page, STUDENT)

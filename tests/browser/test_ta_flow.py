@@ -86,7 +86,7 @@ def test_ta_regrades_a_submission_and_exports_the_scores(
     expect(heading).to_have_text(f"Submission {short} scored")
 
     # Regrade it: back to queued, then scored again by the worker; the page follows by itself.
-    regrade = page.locator("form").filter(has=page.get_by_role("heading", name="Regrade"))
+    regrade = page.get_by_role("form", name="Regrade")
     regrade.get_by_label("Reason").fill("hidden model weights were replaced")
     regrade.get_by_role("button", name="Regrade submission").click()
     expect(page.get_by_text(f"Submission {short} is queued again.")).to_be_visible()
@@ -103,7 +103,10 @@ def test_ta_regrades_a_submission_and_exports_the_scores(
     page.get_by_role("link", name="TA dashboard").click()
     page.get_by_role("link", name=f"Regrade, extensions, export for {phase_title}").click()
     expect(page).to_have_url(re.compile(rf"/ta/assignments/{ASSIGNMENT}/phases/{PHASE}$"))
-    expect(page.get_by_role("heading", name="Scores")).to_be_visible()
+    expect(page.get_by_role("heading", name="Scores and grades")).to_be_visible()
+    expect(page.get_by_role("form", name="Reveal private board")).to_be_visible()
+    expect(page.get_by_role("form", name="Raise quota")).to_be_visible()
+    expect(page.get_by_role("link", name="Download the grades as CSV")).to_be_visible()
     screenshot(page, "phase")
     with page.expect_download() as info:
         page.get_by_role("link", name="Download the scores as CSV").click()

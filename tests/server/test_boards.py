@@ -88,6 +88,7 @@ def test_public_board_uses_the_public_models_rounded_and_hides_details_until_rev
         assert board(client, alice, "private").status_code == 403
         mine = client.get(f"/api/v1/submissions/{a_id}", headers=alice.headers).json()
         assert mine["score"] == 0.5 and "models" not in mine["results"]
+        assert mine["results"]["score"] == 0.5  # rounded inside the results too
         assert "aggregate" in mine["results"]["feedback"]
         staff_view = client.get(f"/api/v1/submissions/{a_id}", headers=ta.headers).json()
         assert (
@@ -170,7 +171,9 @@ def test_marking_up_to_k_and_the_best_marked_counts(
         def mark(sid: str, method: str = "PUT", who: Account = alice):
             return client.request(method, f"/api/v1/submissions/{sid}/mark", headers=who.headers)
 
-        assert mark(middle).status_code == 200 and mark(worst).status_code == 200
+        first = mark(middle)
+        assert first.status_code == 200 and first.json()["marked_at"] is not None
+        assert mark(worst).status_code == 200
         third = mark(best)
         assert third.status_code == 409 and "unmark one first" in third.json()["error"]["message"]
         assert mark(failed).status_code == 409
@@ -265,3 +268,31 @@ def test_defense_public_points_are_a_fixed_subset(artifacts: Artifacts, tmp_path
     expected = sum(i % 2 for i in first) / len(first)
     assert public_score(assignment, phase, row) == pytest.approx(expected)
     assert private_score(phase, row) == 0.45  # the final suite on every point
+
+
+def test_the_selection_cannot_change_after_the_deadline(
+    accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    due = utcnow() - timedelta(minutes=1)
+    write_spec(
+        settings.assignments_dir,
+        spec(
+            artifacts,
+            board='selection = "marked"',
+            opens_at=due - timedelta(days=1),
+            due_at=due,
+        ),
+    )
+    alice = accounts["alice"]
+    marked = add_scored(db, alice, 0.5, 0.5, minutes_ago=30, marked_at=due - timedelta(hours=1))
+    other = add_scored(db, alice, 0.1, 0.1, minutes_ago=20)
+    with TestClient(create_app(settings)) as client:
+        for method, sid in (("DELETE", marked), ("PUT", other)):
+            response = client.request(
+                method, f"/api/v1/submissions/{sid}/mark", headers=alice.headers
+            )
+            assert (
+                response.status_code == 403 and response.json()["error"]["code"] == "phase_closed"
+            )
+        (entry,) = board(client, alice).json()["entries"]
+        assert entry["submission_id"] == marked  # the marked one counts, not the better one

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from server.config import Settings
 from server.main import create_app
-from server.models import Submission
+from server.models import Submission, User
 from server.ratelimit import (
     MemoryWindows,
     RedisWindows,
@@ -23,8 +23,10 @@ from server.ratelimit import (
     login_locked,
     record_login_failure,
 )
+from server.security import set_password
 from tests.conftest import PHASE, SLUG, Account, Artifacts, perturbed
 from tests.e2e.servers import redis_server
+from tests.server.test_web_pages import log_in
 
 BASE = f"/api/v1/assignments/{SLUG}/phases/{PHASE}"
 
@@ -166,3 +168,22 @@ def test_unreachable_counters_let_uploads_through(
             for seed in (1, 2)
         ]
     assert codes == [202, 202]  # accepted (queued for later), not refused or failed
+
+
+def test_a_username_with_too_many_failed_logins_waits_even_with_the_right_password(
+    settings: Settings, db, accounts: dict[str, Account]
+) -> None:
+    with db() as session:
+        for name in ("alice", "bob"):
+            user = session.scalar(select(User).where(User.username == name))
+            set_password(user, "correct horse")
+        session.commit()
+    strict = settings.model_copy(update={"login_failures_per_user": "2/900"})
+    with TestClient(create_app(strict), follow_redirects=False) as client:
+        wrong = [log_in(client, "alice", "wrong horse").status_code for _ in range(2)]
+        locked = log_in(client, "alice", "correct horse")
+        other = log_in(client, "bob", "correct horse")
+    assert wrong == [401, 401]
+    assert locked.status_code == 429 and 1 <= int(locked.headers["retry-after"]) <= 900
+    assert "Too many failed logins for this username" in locked.text
+    assert other.status_code == 303  # another username is not locked

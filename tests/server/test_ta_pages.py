@@ -1,10 +1,12 @@
 """The TA pages: who may open them, the dashboard's queues and filters, one submission with its
-log, and the forms (cancel, regrade one or a phase, override, extensions) with their flash
-messages, CSRF check and audit records."""
+log, and the forms (cancel, regrade one or a phase, override, extensions, extra submissions,
+the private board's reveal, the roster import) with their flash messages, CSRF check and audit
+records."""
 
 from __future__ import annotations
 
 import html
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -419,3 +421,148 @@ def test_a_deadline_typed_in_course_time_is_read_in_that_zone() -> None:
         parse_local_deadline("2026-03-08T02:30", ZONE)  # the clocks jump from 2:00 to 3:00
     with pytest.raises(DeadlineInvalid, match="Give the new deadline"):
         parse_local_deadline("  ", ZONE)
+
+
+def test_ta_pages_link_their_stylesheet_in_the_head_and_name_each_action_form(
+    client: TestClient, accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    done = scored(client, accounts["alice"], 1, artifacts, settings, db)
+    log_in(client, db, settings, accounts["ta"])
+    for page, forms in (
+        (f"/ta/submissions/{done}", {"regrade": "Regrade", "override": "Override the score"}),
+        (
+            PHASE_PAGE,
+            {
+                "regrade": "Regrade the phase",
+                "reveal": "Reveal private board",
+                "raise-quota": "Raise quota",
+                "grant": "Grant an extension",
+            },
+        ),
+        ("/ta", {"roster-import": "Import a roster"}),
+    ):
+        body = client.get(page).text
+        head, rest = body.split("</head>", 1)
+        assert '<link rel="stylesheet" href="/static/ta.css">' in head, page
+        assert "/static/ta.css" not in rest, page
+        for key, heading in forms.items():
+            assert f'aria-labelledby="{key}-heading"' in rest, (page, key)
+            assert re.search(rf'<h[23] id="{key}-heading">{heading}</h[23]>', rest), (page, key)
+
+
+def test_reveal_form_opens_the_private_board_once_and_the_grades_link_works(
+    client: TestClient, accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    scored(client, accounts["alice"], 1, artifacts, settings, db)
+    board_url = f"/api/v1/assignments/{SLUG}/phases/{PHASE}/leaderboard"
+    csrf = log_in(client, db, settings, accounts["ta"])
+    page = client.get(PHASE_PAGE).text
+    grades = re.search(r'href="(/api/v1/[^"]+/grades\.csv)"', page)
+    assert grades and grades.group(1) == f"/api/v1/assignments/{SLUG}/phases/{PHASE}/grades.csv"
+    export = client.get(grades.group(1))
+    assert export.status_code == 200 and export.text.startswith("student_id,name,email,")
+    assert "Not open to students yet." in text(client.get(PHASE_PAGE))
+
+    no_reason = text(client.post(f"{PHASE_PAGE}/reveal", data={CSRF_FIELD: csrf, "reason": ""}))
+    assert "Nothing was changed. Give a reason" in no_reason
+    assert client.get(board_url, headers=accounts["alice"].headers).json()["revealed"] is False
+
+    done = text(
+        client.post(f"{PHASE_PAGE}/reveal", data={CSRF_FIELD: csrf, "reason": "grades published"})
+    )
+    assert "The private board of Attack is open" in done
+    assert "The private board is open to students." in done and "Reveal the private" not in done
+    assert client.get(board_url, headers=accounts["alice"].headers).json()["revealed"] is True
+    twice = text(client.post(f"{PHASE_PAGE}/reveal", data={CSRF_FIELD: csrf, "reason": "again"}))
+    assert "Nothing was changed" in twice and "already open" in twice
+    assert audit_events(db) == [("reveal", "ta", "grades published")]
+    audit = text(client.get("/ta/audit"))
+    assert "Private board revealed" in audit and "the private board opened to students" in audit
+
+
+def test_raise_quota_form_gives_one_student_more_submissions(
+    client: TestClient, accounts: dict[str, Account], settings, db
+) -> None:
+    csrf = log_in(client, db, settings, accounts["ta"])
+    url = f"{PHASE_PAGE}/quota"
+    form = {CSRF_FIELD: csrf, "username": "alice", "extra_per_day": "2", "extra_total": "3"}
+    refusals = {
+        "give the username": {"username": ""},
+        "extra per day must be a whole number of submissions, not 'lots'": {
+            "extra_per_day": "lots"
+        },
+        "extra_total must be between 0 and 1000, got 5000": {"extra_total": "5000"},
+        "No user 'mallory'": {"username": "mallory"},
+        "Give a reason": {"reason": " "},
+    }
+    for message, change in refusals.items():
+        body = text(client.post(url, data={**form, "reason": "ill", **change}))
+        assert message in body, message
+    assert audit_events(db) == []
+
+    granted = text(client.post(url, data={**form, "reason": "lost a day to illness"}))
+    assert (
+        "alice may now submit 7 per day and 23 in total to Attack (+2 per day, +3 in total)."
+        in (granted)
+    )
+    grants = granted.split('class="ta-quota-grants"')[1].split("</table>")[0]
+    row_text = " ".join(re.sub(r"<[^>]+>", " ", grants).split())
+    assert "alice 2 3 lost a day to illness" in row_text
+    quota = client.get(
+        f"/api/v1/assignments/{SLUG}/phases/{PHASE}/quota", headers=accounts["alice"].headers
+    ).json()
+    assert (quota["max_per_day"], quota["max_total"]) == (7, 23)
+    assert audit_events(db) == [("quota_raised", "ta", "lost a day to illness")]
+    assert "Quota raised" in text(client.get("/ta/audit")) and "+2 per day, +3 in total" in text(
+        client.get("/ta/audit")
+    )
+
+
+def test_roster_import_shows_each_invitation_code_once_and_a_bad_roster_imports_nobody(
+    client: TestClient, accounts: dict[str, Account], settings, db
+) -> None:
+    roster = (
+        b"student_id,name,email\ndave,Dave Diaz,dave@example.org\nerin,Erin Eze,erin@example.org\n"
+    )
+
+    def post(content: bytes | None, csrf: str):
+        files = {"file": ("students.csv", content, "text/csv")} if content is not None else None
+        return client.post("/ta/roster", data={CSRF_FIELD: csrf}, files=files)
+
+    student = log_in(client, db, settings, accounts["alice"])
+    assert post(roster, student).status_code == 403
+    csrf = log_in(client, db, settings, accounts["ta"])
+    dashboard = client.get("/ta").text
+    assert re.search(
+        r'<form method="post" action="/ta/roster" enctype="multipart/form-data"', dashboard
+    )
+
+    assert "choose the roster's CSV file" in text(post(None, csrf))
+    missing = text(post(b"student_id,name\ndave,Dave\n", csrf))
+    assert "Nothing was changed: The roster's first line must name the columns" in missing
+    bad_line = text(post(roster + b"frank,Frank,not-an-address\n", csrf))
+    assert "line 4: email 'not-an-address' is not an address" in bad_line
+    with db() as session:
+        assert session.scalar(select(User).where(User.username == "dave")) is None
+
+    done = post(roster, csrf)
+    assert done.status_code == 200
+    body = text(done)
+    assert "students.csv: 2 students, 2 new; 2 invitation codes issued." in body
+    assert "Copy the codes now: they are shown only on this page." in body
+    codes = re.findall(r"<code>(inv_[\w-]+)</code>", done.text)
+    assert len(codes) == 2
+    for code in codes:
+        assert f"<code>{settings.public_url}/invite?code={code}</code>" in done.text
+    accepted = client.post(
+        "/api/v1/invitations/accept", json={"code": codes[0], "password": "dave's passphrase"}
+    )
+    assert accepted.status_code == 200 and accepted.json()["username"] == "dave"
+    assert codes[1] not in client.get("/ta").text
+    assert [a for a, _, _ in audit_events(db)] == ["roster_imported"]
+    audit = text(client.get("/ta/audit"))
+    assert "Roster imported" in audit and "2 students (2 new), 2 invitation codes issued" in audit
+
+    again = text(post(roster, csrf))
+    assert "2 students, 0 new; 1 invitation code issued." in again
+    assert "none: the student has set a password" in again  # dave, who accepted

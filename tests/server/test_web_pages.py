@@ -1,6 +1,7 @@
-"""The student pages (server-rendered HTML) through TestClient: login and logout, CSRF, who may
-see what, times in the course timezone, the attack and defense detail pages, leaderboards and
-the error pages."""
+"""The student pages (server-rendered HTML) through TestClient: login and logout, invitations,
+the account page (pseudonym, API tokens), CSRF, who may see what, times in the course timezone,
+the attack and defense detail pages under each feedback rule, marks for the final selection,
+public and private leaderboards and the error pages."""
 
 from __future__ import annotations
 
@@ -17,18 +18,20 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from graders.architectures import Architecture, build_model
 from graders.checkpoints import write_safetensors
 from graders.threat_model import Norm, distances
+from server.assignments import Selection
 from server.config import Settings
 from server.db import utcnow
 from server.deps import SESSION_COOKIE
 from server.main import create_app
-from server.models import Submission, SubmissionStatus, User
-from server.security import set_password
-from server.services import staff
+from server.models import Invitation, Submission, SubmissionStatus, User
+from server.security import set_password, verify_password
+from server.services import accounts, boards, staff
 from tests.conftest import (
     DEFENSE_PHASE,
     PHASE,
@@ -40,6 +43,7 @@ from tests.conftest import (
     write_spec,
 )
 from tests.server.test_api import npy_bytes
+from tests.server.test_boards import spec as board_spec
 from worker.scoring import Outcome, run_scoring
 
 PASSWORD = "correct horse battery"
@@ -599,3 +603,457 @@ def test_leaderboard_page_needs_a_login_unless_the_course_makes_it_public(
         assert "20.00 %" in text_of(board.text) and 'class="you"' not in board.text
         assert 'href="/login"' in board.text
         assert anonymous.get(PHASE_PAGE).status_code == 303  # the rest stays private
+
+
+def test_private_board_once_revealed_ranks_the_final_selection_and_lists_the_unscored_last(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    write_spec(settings.assignments_dir, board_spec(artifacts, board='reveal = "manual"'))
+    add_attack_result(db, passwords["alice"], net_a=0.2, net_b=0.3, minutes_ago=9)
+    add_attack_result(
+        db, passwords["bob"], net_a=0.1, net_b=0.1, minutes_ago=8, status=SubmissionStatus.FAILED
+    )
+    with db() as session:
+        names = {a: session.get(User, passwords[a].user_id).pseudonym for a in ("alice", "bob")}
+    board_url = f"{PHASE_PAGE}/leaderboard"
+    with logged_in(settings, "alice") as alice:
+        public = alice.get(board_url)
+        assert "Public board" in text_of(public.text) and "?board=private" not in public.text
+        closed = alice.get(f"{board_url}?board=private")
+        assert closed.status_code == 403 and "only the public board" in text_of(closed.text)
+
+        reveal(settings, passwords["ta"], PHASE)
+        html = alice.get(board_url).text
+    assert re.search(r'href="[^"]*\?board=private" aria-current="page">Private board', html)
+    assert "This is the private board: it decides the grades." in text_of(html)
+    rows = re.findall(r"<tr(?: class=\"you\"[^>]*)?>(.*?)</tr>", html, re.S)[1:]
+    assert [text_of(r).split()[:3] for r in rows] == [
+        ["1", names["alice"], "you"],
+        ["\u2014:", "not", "ranked"],
+    ]
+    assert names["bob"] in rows[1] and "not scored" in text_of(rows[1])
+    assert "25.00 %" in text_of(rows[0])
+
+
+# --- Feedback rules ---------------------------------------------------------------------------
+
+AGGREGATE = 'feedback = "aggregate", round_to = 2, reveal = "manual"'
+
+
+def add_attack_result(
+    factory: sessionmaker[Session],
+    account: Account,
+    net_a: float,
+    net_b: float,
+    minutes_ago: int,
+    status: SubmissionStatus = SubmissionStatus.SCORED,
+) -> str:
+    """An attack submission with per-model results as the grader records them (score: the mean
+    over the two hidden models)."""
+    score = (net_a + net_b) / 2
+    with factory() as session:
+        row = Submission(
+            user_id=account.user_id,
+            assignment_slug=SLUG,
+            phase_id=PHASE,
+            status=status,
+            file_name="adv.npy",
+            file_sha256=f"{minutes_ago:064d}",
+            file_size=1,
+            batch_path="/nonexistent",
+            score=score,
+            results={
+                "metric": "mean_accuracy",
+                "score": score,
+                "n_images": 20,
+                "models": [
+                    {"name": name, "preprocessing": None, "clean_accuracy": 0.9, **accuracy}
+                    for name, accuracy in (
+                        ("net-a", {"adversarial_accuracy": net_a}),
+                        ("net-b", {"adversarial_accuracy": net_b}),
+                    )
+                ],
+                "fooled_by_k": [2, 7, 11],
+            },
+            created_at=utcnow() - timedelta(minutes=minutes_ago),
+        )
+        session.add(row)
+        session.commit()
+        return row.id
+
+
+def reveal(settings: Settings, ta: Account, phase: str) -> None:
+    with app_client(settings) as api:
+        response = api.post(
+            f"/api/v1/assignments/{SLUG}/phases/{phase}/reveal",
+            headers=ta.headers,
+            json={"reason": "grades are out"},
+        )
+        assert response.status_code == 204, response.text
+
+
+def test_aggregate_feedback_hides_per_model_results_and_rounds_until_the_board_opens(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    write_spec(settings.assignments_dir, board_spec(artifacts, board=AGGREGATE))
+    mine = add_attack_result(db, passwords["alice"], net_a=0.104, net_b=0.9, minutes_ago=5)
+    detail = f"/submissions/{mine}"  # the exact score is 50.20 %, rounded 0.50
+    with logged_in(settings, "alice") as alice:
+        html = alice.get(detail).text
+        text = text_of(html)
+        assert "Scored: 50.00 % (mean accuracy" in text and "50.20" not in text
+        assert "net-a" not in html and "net-b" not in html
+        assert "Hidden models" not in text and "How many models each image fools" not in text
+        assert "the results per hidden model are shown from then on" in text
+        assert "The images of this batch cannot be shown" in text  # the batch part stays
+        for url in ("/submissions", f"{detail}/status", PHASE_PAGE):
+            shown = text_of(alice.get(url).text)
+            assert "50.00 %" in shown and "50.20" not in shown, url
+        rules = text_of(alice.get(PHASE_PAGE).text)
+        assert "you see your overall score only, not the results per hidden model" in rules
+        assert "Scores are rounded to 2 decimals until then" in rules
+    with logged_in(settings, "ta") as ta:
+        staff_view = text_of(ta.get(detail).text)
+        assert "net-a" in staff_view and "Scored: 50.20 %" in staff_view
+
+    reveal(settings, passwords["ta"], PHASE)
+    with logged_in(settings, "alice") as alice:
+        opened = text_of(alice.get(detail).text)
+        assert "Scored: 50.20 %" in opened and "net-a 90.0 % 10.4 %" in opened
+        assert "7 images fool 1 of 2 models" in opened
+        assert "shown from then on" not in opened
+        assert "50.20 %" in text_of(alice.get("/submissions").text)
+
+
+def test_aggregate_feedback_hides_a_defenses_breakdown_and_sweep_but_not_its_flags(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    spec = spec_toml(artifacts, defense="").replace(
+        "[phases.defense]", f"leaderboard = {{ {AGGREGATE} }}\n[phases.defense]"
+    )
+    write_spec(settings.assignments_dir, spec)
+    suite = {"clean_accuracy": 0.8123, "robust_accuracy": 0.4567, "n_points": 20}
+    with db() as session:
+        row = Submission(
+            user_id=passwords["alice"].user_id,
+            assignment_slug=SLUG,
+            phase_id=DEFENSE_PHASE,
+            status=SubmissionStatus.SCORED,
+            file_name="model.safetensors",
+            file_sha256="1" * 64,
+            file_size=1,
+            batch_path="/nonexistent",
+            manifest={"architecture": "resnet20", "mean": [0.5] * 3, "std": [0.25] * 3},
+            score=0.4567,
+            results={
+                "metric": "robust_accuracy",
+                "score": 0.4567,
+                "n_points": 20,
+                "clean_accuracy": 0.8123,
+                "robust_accuracy": 0.4567,
+                "final_robust_accuracy": 0.4012,
+                "leaderboard_suite": "quick",
+                "final_suite": "full",
+                "suites": {
+                    "quick": {**suite, "attacks": [attack_line("apgd-ce", 0.4567)]},
+                    "full": {**suite, "attacks": [attack_line("square-5000", 0.4012)]},
+                },
+                "eps_sweep": [
+                    {"eps": 0.0, "robust_accuracy": 0.8123},
+                    {"eps": 8.0, "robust_accuracy": 0.4567},
+                    {"eps": 64.0, "robust_accuracy": 0.35},
+                ],
+                "threat_model": {"norm": "linf", "eps": 8},
+                "transfer": [{"attack_phase": PHASE, "accuracy": 0.61}],
+                "flags": [{"code": "eps_sweep_not_zero", "message": "Still 35 % at eps 64."}],
+            },
+        )
+        session.add(row)
+        session.commit()
+        detail = f"/submissions/{row.id}"
+    hidden = ("apgd-ce", "square-5000", 'id="eps-sweep"', "40.1 %", "61.0 %")
+    with logged_in(settings, "alice") as alice:
+        html = alice.get(detail).text
+        text = text_of(html)
+        assert "Scored: 46.00 % (accuracy of your model" in text and "45.67" not in text
+        for part in hidden:
+            assert part not in html, part
+        assert "the results per attack are shown from then on" in text
+        assert "Still robust at a very large eps Still 35 % at eps 64." in text
+        assert "Evaluation points 20" in text
+    reveal(settings, passwords["ta"], DEFENSE_PHASE)
+    with logged_in(settings, "alice") as alice:
+        opened = alice.get(detail).text
+    assert "Scored: 45.67 %" in text_of(opened)
+    for part in hidden:
+        assert part in opened, part
+
+
+def attack_line(name: str, after: float) -> dict[str, object]:
+    return {"name": name, "points_attacked": 16, "points_broken": 7, "robust_accuracy_after": after}
+
+
+# --- Marks for the final selection ------------------------------------------------------------
+
+
+def mark_forms(html: str) -> dict[str, set[str]]:
+    """The submissions each kind of form (mark, unmark) on a page acts on."""
+    found: dict[str, set[str]] = {"mark": set(), "unmark": set()}
+    for submission_id, action in re.findall(r'action="/submissions/(\w+)/(mark|unmark)"', html):
+        found[action].add(submission_id)
+    return found
+
+
+def marked(factory: sessionmaker[Session], *ids: str) -> list[bool]:
+    with factory() as session:
+        return [session.get(Submission, i).marked_at is not None for i in ids]
+
+
+def test_a_student_marks_up_to_k_submissions_from_the_history_and_detail_pages(
+    settings: Settings,
+    passwords: dict[str, Account],
+    artifacts: Artifacts,
+    db: sessionmaker[Session],
+) -> None:
+    write_spec(
+        settings.assignments_dir,
+        board_spec(artifacts, board='selection = "marked", max_marked = 2'),
+    )
+    alice = passwords["alice"]
+    best = add_attack_result(db, alice, 0.05, 0.05, minutes_ago=40)
+    middle = add_attack_result(db, alice, 0.3, 0.3, minutes_ago=30)
+    worst = add_attack_result(db, alice, 0.6, 0.6, minutes_ago=20)
+    failed = add_attack_result(db, alice, 0.0, 0.0, 10, status=SubmissionStatus.FAILED)
+    with logged_in(settings, "alice") as client:
+        history = client.get("/submissions").text
+        assert "you have marked 0 of at most 2 submissions for the final selection" in text_of(
+            history
+        )
+        assert mark_forms(history) == {"mark": {best, middle, worst}, "unmark": set()}
+        rules = text_of(client.get(PHASE_PAGE).text)
+        assert f"Your grade counts {boards.SELECTION_RULES[Selection.MARKED]}." in rules
+        assert "Mark up to 2 of your scored submissions" in rules
+
+        csrf = page_csrf(client, "/submissions")
+        done = client.post(
+            f"/submissions/{middle}/mark", data={"csrf_token": csrf, "back": "/submissions"}
+        )
+        assert done.status_code == 303 and done.headers["location"] == "/submissions"
+        assert (
+            f"Submission {middle[:8]} is marked for the final selection. You have marked 1 of 2."
+            in text_of(client.get("/submissions").text)
+        )
+        from_detail = client.post(
+            f"/submissions/{worst}/mark", data={"csrf_token": csrf, "back": f"/submissions/{worst}"}
+        )
+        assert from_detail.headers["location"] == f"/submissions/{worst}"
+        page = text_of(client.get(f"/submissions/{worst}").text)
+        assert "This submission is marked for the final selection" in page
+        assert "you have marked 2 of at most 2" in page
+
+        full = client.get("/submissions").text
+        assert mark_forms(full) == {"mark": set(), "unmark": {middle, worst}}
+        assert "Unmark one to mark another." in text_of(full)
+        assert "You have marked 2 of 2" in text_of(client.get(PHASE_PAGE).text)
+        third = client.post(f"/submissions/{best}/mark", data={"csrf_token": csrf})
+        assert "unmark one first" in text_of(client.get(third.headers["location"]).text)
+        refused = client.post(f"/submissions/{failed}/mark", data={"csrf_token": csrf})
+        assert "Nothing" not in refused.text and refused.status_code == 303
+        forged = client.post(f"/submissions/{best}/unmark", data={"csrf_token": "guessed"})
+        assert forged.status_code == 403
+        assert marked(db, best, middle, worst, failed) == [False, True, True, False]
+
+        client.post(f"/submissions/{middle}/unmark", data={"csrf_token": csrf})
+        client.post(f"/submissions/{best}/mark", data={"csrf_token": csrf})
+        assert marked(db, best, middle, worst) == [True, False, True]
+    with logged_in(settings, "bob") as bob:
+        other = bob.post(f"/submissions/{best}/unmark", data={"csrf_token": page_csrf(bob)})
+        assert other.status_code == 404
+    assert marked(db, best) == [True]
+
+    past = utcnow() - timedelta(hours=1)
+    write_spec(
+        settings.assignments_dir,
+        board_spec(
+            artifacts,
+            board='selection = "marked", max_marked = 2',
+            opens_at=past - timedelta(days=2),
+            due_at=past,
+        ),
+    )
+    with logged_in(settings, "alice") as client:
+        closed = client.get("/submissions").text
+        assert mark_forms(closed) == {"mark": set(), "unmark": set()}
+        assert "The phase is closed for you; the marks stay as they are." in text_of(closed)
+        late = client.post(f"/submissions/{best}/unmark", data={"csrf_token": page_csrf(client)})
+        assert "your final selection can no longer change" in text_of(
+            client.get(late.headers["location"]).text
+        )
+    assert marked(db, best, worst) == [True, True]
+
+
+def test_phases_without_marking_show_their_rule_and_no_mark_buttons(
+    settings: Settings, passwords: dict[str, Account], db: sessionmaker[Session]
+) -> None:
+    mine = add_attack_result(db, passwords["alice"], 0.2, 0.2, minutes_ago=3)
+    with logged_in(settings, "alice") as client:
+        rules = text_of(client.get(PHASE_PAGE).text)
+        assert f"Your grade counts {boards.SELECTION_RULES[Selection.BEST]}." in rules
+        assert "Feedback" not in rules  # full feedback, exact scores: nothing to explain
+        for page in ("/submissions", f"/submissions/{mine}"):
+            assert mark_forms(client.get(page).text) == {"mark": set(), "unmark": set()}
+        refused = client.post(f"/submissions/{mine}/mark", data={"csrf_token": page_csrf(client)})
+        assert "there is nothing to mark" in text_of(client.get(refused.headers["location"]).text)
+    assert marked(db, mine) == [False]
+
+
+# --- Invitations and the account page ---------------------------------------------------------
+
+ROSTER = b"student_id,name,email\ncarol,Carol Chen,carol@example.org\n"
+
+
+def invite(settings: Settings, db: sessionmaker[Session], *, reissue: bool = False) -> str:
+    """A fresh invitation code for carol, as a roster import gives it."""
+    with db() as session:
+        (entry,) = accounts.import_roster(
+            session,
+            actor=None,
+            content=ROSTER,
+            secret_key=settings.secret_key,
+            lifetime_s=settings.invitation_lifetime_s,
+            reissue=reissue,
+        )
+    assert entry.invitation_code is not None
+    return entry.invitation_code
+
+
+def invite_form(client: TestClient, code: str) -> tuple[str, str]:
+    """The invitation page for ``code``: its HTML and its form token."""
+    page = client.get("/invite", params={"code": code})
+    assert page.status_code == 200, page.text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token, "the invitation form has no CSRF field"
+    return page.text, token.group(1)
+
+
+def test_an_invitation_link_sets_the_password_once_and_explains_refusals(
+    settings: Settings, web: TestClient, db: sessionmaker[Session]
+) -> None:
+    code = invite(settings, db)
+    html, token = invite_form(web, code)
+    assert re.search(rf'<input id="invite-code" name="code"[^>]* value="{re.escape(code)}"', html)
+    assert html.count('type="password"') == 2 and 'autocomplete="new-password"' in html
+    form = {"csrf_token": token, "code": code, "password": "a long passphrase"}
+
+    def post(**fields: str):
+        return web.post("/invite", data={**form, **fields})
+
+    def password_works(password: str) -> bool:
+        with db() as session:
+            user = session.scalar(select(User).where(User.username == "carol"))
+            return verify_password(user, password)
+
+    differ = post(password_again="a long passphrasf")
+    assert differ.status_code == 400 and "The two passwords differ" in text_of(differ.text)
+    assert "a long passphrase" not in differ.text  # never echoed
+    weak = post(password="short", password_again="short")
+    assert weak.status_code == 400 and "at least 8 characters" in text_of(weak.text)
+    assert re.search(r'id="invite-password"[^>]*aria-invalid="true"', weak.text)
+    taken = post(password_again="a long passphrase", pseudonym="Not Allowed!")
+    assert taken.status_code == 400 and "A pseudonym is 3-32 characters" in text_of(taken.text)
+    assert 'value="Not Allowed!"' in taken.text  # kept for correcting
+    assert not password_works("a long passphrase")  # a refused form changes nothing
+    with app_client(web.app.state.settings) as other_browser:
+        forged = other_browser.post("/invite", data={**form, "password_again": "a long passphrase"})
+        assert forged.status_code == 403 and "cookies are allowed" in text_of(forged.text)
+
+    done = post(password_again="a long passphrase", pseudonym="carol-the-careful")
+    assert done.status_code == 303 and done.headers["location"] == "/login"
+    assert "Your password is set. Log in as carol with it." in text_of(web.get("/login").text)
+    assert password_works("a long passphrase")
+    with db() as session:
+        assert session.scalar(select(User.pseudonym).where(User.username == "carol")) == (
+            "carol-the-careful"
+        )
+    assert log_in(web, "carol", "a long passphrase").status_code == 303
+
+    web.cookies.clear()
+    _, token = invite_form(web, code)
+    again = web.post(
+        "/invite", data={**form, "csrf_token": token, "password_again": form["password"]}
+    )
+    assert again.status_code == 400 and "already used" in text_of(again.text)
+
+    expired = invite(settings, db, reissue=True)
+    with db() as session:
+        for invitation in session.scalars(select(Invitation).where(Invitation.used_at.is_(None))):
+            invitation.expires_at = utcnow() - timedelta(minutes=1)
+        session.commit()
+    late = web.post(
+        "/invite",
+        data={**form, "csrf_token": token, "code": expired, "password_again": form["password"]},
+    )
+    assert late.status_code == 400 and "has expired" in text_of(late.text)
+
+
+def test_the_account_page_changes_the_pseudonym_and_shows_a_new_token_once(
+    settings: Settings, passwords: dict[str, Account], db: sessionmaker[Session]
+) -> None:
+    with db() as session:
+        bobs = session.get(User, passwords["bob"].user_id).pseudonym
+    with logged_in(settings, "alice") as client:
+        page = client.get("/account")
+        assert page.status_code == 200
+        assert re.search(r'href="/account" aria-current="page">Account<', page.text)
+        csrf = page_csrf(client, "/account")
+
+        def pseudonym(name: str) -> str:
+            response = client.post(
+                "/account/pseudonym", data={"csrf_token": csrf, "pseudonym": name}
+            )
+            assert response.status_code == 303 and response.headers["location"] == "/account"
+            return text_of(client.get("/account").text)
+
+        assert "Nothing was changed: A pseudonym is 3-32 characters" in pseudonym("X!")
+        assert f"The pseudonym '{bobs}' is taken" in pseudonym(bobs)
+        assert "Leaderboards now show you as gradient-gremlin." in pseudonym("Gradient-Gremlin")
+        assert "Leaderboard name gradient-gremlin" in text_of(client.get("/account").text)
+
+        created = client.post("/account/tokens", data={"csrf_token": csrf, "name": "laptop"})
+        assert created.status_code == 200
+        assert "Copy it now: it is shown only this once." in text_of(created.text)
+        value = re.search(
+            r'<code class="token-value" id="new-token-value">(agt_[\w-]+)</code>', created.text
+        )
+        assert value, created.text
+        token = value.group(1)
+        with app_client(settings) as api:
+            me = api.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert me.status_code == 200 and me.json()["username"] == "alice"
+
+        listed = client.get("/account").text
+        assert token not in listed  # shown once only
+        row = re.search(r"<tr>\s*<th scope=\"row\">laptop</th>(.*?)</tr>", listed, re.S)
+        assert row and "active" in text_of(row.group(1))
+        revoke_url = re.search(r'action="(/account/tokens/\d+/revoke)"', row.group(1))
+        assert revoke_url
+        forged = client.post(revoke_url.group(1), data={"csrf_token": "guessed"})
+        assert forged.status_code == 403
+        revoked = client.post(revoke_url.group(1), data={"csrf_token": csrf})
+        assert revoked.status_code == 303
+        assert "The token \u201claptop\u201d is revoked" in text_of(client.get("/account").text)
+        with app_client(settings) as api:
+            refused = api.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert refused.status_code == 401
+    with logged_in(settings, "bob") as bob:
+        theirs = bob.post(revoke_url.group(1), data={"csrf_token": page_csrf(bob)})
+        assert "You have no token" in text_of(bob.get(theirs.headers["location"]).text)

@@ -8,9 +8,8 @@ from fastapi import APIRouter, Query
 from sqlalchemy.orm import Session
 
 from server.catalog import Catalog
-from server.db import utcnow
 from server.deps import CatalogDep, CurrentUser, SessionDep, SettingsDep
-from server.errors import NotFound, PhaseClosed
+from server.errors import NotFound
 from server.models import SubmissionStatus, User
 from server.schemas import (
     ReasonIn,
@@ -20,7 +19,6 @@ from server.schemas import (
     SubmissionsPublic,
 )
 from server.services import boards, receipts, staff, submissions
-from server.services.deadlines import due_for
 
 router = APIRouter(prefix="/submissions", tags=["submissions"])
 receipts_router = APIRouter(tags=["submissions"])
@@ -90,9 +88,9 @@ def _set_mark(
     phase = assignment.phase(row.phase_id) if assignment is not None else None
     if assignment is None or phase is None:
         raise NotFound(f"The phase of submission {row.id} is no longer in the catalog.")
-    if marked and utcnow() >= due_for(session, user, assignment, phase):
-        raise PhaseClosed(f"Phase {phase.id!r} is closed; the selection can no longer change.")
-    boards.set_mark(session, user=user, submission=row, phase=phase, marked=marked)
+    boards.set_mark(
+        session, user=user, submission=row, assignment=assignment, phase=phase, marked=marked
+    )
     return boards.submission_for(session, catalog, row, viewer=user)
 
 

@@ -1,5 +1,6 @@
 // The pages' behaviour, without a build step: countdowns, the upload form (checks in the
-// browser, a progress bar, the server's answer in words) and live status polling.
+// browser, a progress bar, the server's answer in words, the queued state at once) and live
+// status polling.
 "use strict";
 
 (function () {
@@ -108,9 +109,38 @@
     schedule(firstDelay);
   }
 
-  function startPolling(region, url) {
+  function startPolling(region, url, firstDelay) {
     region.dataset.poll = url;
-    pollStatus(region, url, 0);
+    pollStatus(region, url, firstDelay);
+  }
+
+  // A queued submission as the upload's answer reports it, in the words of _status.html, shown
+  // at once; the first poll then brings the server's own rendering.
+  function showQueued(region, submission) {
+    const box = document.createElement("div");
+    box.className = "status status-queued";
+    box.dataset.submission = submission.id;
+    box.dataset.final = "false";
+    const headline = document.createElement("p");
+    headline.className = "status-headline";
+    const strong = document.createElement("strong");
+    strong.textContent = "Queued";
+    headline.appendChild(strong);
+    const detail = document.createElement("p");
+    detail.className = "status-detail";
+    detail.textContent =
+      submission.queue_position === null || submission.queue_position === undefined
+        ? "Waiting for a worker."
+        : "Position " + submission.queue_position + " in the queue. Scoring starts when a " +
+          "worker is free; this status updates by itself.";
+    const linkLine = document.createElement("p");
+    linkLine.className = "status-link";
+    const link = document.createElement("a");
+    link.href = "/submissions/" + encodeURIComponent(submission.id);
+    link.textContent = "Details of submission " + String(submission.id).slice(0, 8);
+    linkLine.appendChild(link);
+    box.append(headline, detail, linkLine);
+    region.replaceChildren(box);
   }
 
   // --- Upload ----------------------------------------------------------------------------
@@ -327,7 +357,13 @@
           form.querySelector("#upload-file").value = "";
           refreshQuota(form);
           if (region) {
-            startPolling(region, "/submissions/" + body.id + "/status");
+            const url = "/submissions/" + encodeURIComponent(body.id) + "/status";
+            if (body.status === "queued") {
+              showQueued(region, body);
+              startPolling(region, url, POLL_FAST_MS);
+            } else {
+              startPolling(region, url, 0);
+            }
           }
           return;
         }
