@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 import uuid
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,6 +28,7 @@ _CHUNK_BYTES = 1 << 20
 _SHOWN = 5
 _REASON_CHARS = 200
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _reason(exc: BaseException) -> str:
@@ -95,12 +97,45 @@ def _as_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
     )
 
 
+def _check_torch_archive(path: Path) -> None:
+    """Refuse a torch zip whose records could inflate past the file's own size.
+
+    ``torch.save`` stores every record uncompressed, but torch's reader inflates a compressed
+    record in full before checking its size: a rewritten .pt of a few MB could claim gigabytes.
+    Legacy (pre-zip) files are left to ``torch.load``, whose allocations follow the file.
+    """
+    with path.open("rb") as handle:
+        if handle.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise ArtifactError(
+            f"{path.name}: could not read weights: not a readable zip archive ({_reason(exc)})"
+        ) from None
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise ArtifactError(
+            f"{path.name}: could not read weights: {len(compressed)} compressed record(s) "
+            f"({_listed(compressed)}); torch.save never compresses, so the file was rewritten, "
+            "and it is not inflated (save it again with torch.save)"
+        )
+    declared, size = sum(r.file_size for r in records), path.stat().st_size
+    if declared > size:
+        raise ArtifactError(
+            f"{path.name}: could not read weights: its records declare {declared} bytes, more "
+            f"than the file's own {size} (save it again with torch.save)"
+        )
+
+
 def read_state_dict(path: Path, *, suffix: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors in a ``.safetensors`` or ``.pt``/``.pth``/``.bin`` file, on the CPU.
 
     Torch files are read with ``weights_only=True`` only, so a file holding pickled code is
-    refused rather than run. Accepted content: a dict of name -> tensor, or a dict whose single
-    ``"state_dict"`` or ``"model"`` entry is one (other entries such as ``epoch`` are ignored).
+    refused rather than run, and a torch zip with compressed records is refused before it is
+    inflated. Accepted content: a dict of name -> tensor, or a dict whose single ``"state_dict"``
+    or ``"model"`` entry is one (other entries such as ``epoch`` are ignored).
     Anything else, an unknown extension or a file that fails to parse raises ``ArtifactError``.
     ``suffix`` overrides the file's own (for uploads stored under a temporary name).
     """
@@ -115,7 +150,10 @@ def read_state_dict(path: Path, *, suffix: str | None = None) -> dict[str, torch
         if suffix == SAFETENSORS_SUFFIX:
             loaded: object = load_file(str(path), device="cpu")
         else:
+            _check_torch_archive(path)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except ArtifactError:
+        raise
     except Exception as exc:
         raise ArtifactError(f"{path.name}: could not read weights: {_reason(exc)}") from None
     return _as_state_dict(loaded, path.name)
@@ -136,6 +174,19 @@ def _prefix_hint(unexpected: list[str], expected: Mapping[str, torch.Tensor]) ->
     return ""
 
 
+def _kind(tensor: torch.Tensor) -> str:
+    """What a tensor's values mean, whatever their width: float16 weights load into float32."""
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_complex():
+        return "complex"
+    return "float" if tensor.is_floating_point() else "int"
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def _key_problems(
     expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
 ) -> list[str]:
@@ -149,6 +200,11 @@ def _key_problems(
         for key in expected
         if key in state and state[key].shape != expected[key].shape
     ]
+    wrong_kind = [
+        f"{key} (checkpoint {_dtype(state[key])}, model {_dtype(expected[key])})"
+        for key in expected
+        if key in state and _kind(state[key]) != _kind(expected[key])
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_listed(missing)}")
@@ -157,15 +213,18 @@ def _key_problems(
         problems.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}{hint}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_listed(mismatched)}")
+    if wrong_kind:
+        problems.append(f"{len(wrong_kind)} dtype mismatch(es): {_listed(wrong_kind)}")
     return problems
 
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load ``state`` into ``model`` (into ``model.net`` for a ``Normalized``), strictly.
 
-    Every key must match in name and shape and every floating tensor must be finite; otherwise
-    ``ArtifactError`` says which keys are wrong and the model is left untouched. There is no
-    lenient fallback: a partially loaded model would be graded with random weights.
+    Every key must match in name, shape and kind of dtype (float, int, bool or complex; the width
+    may differ) and every floating tensor must be finite; otherwise ``ArtifactError`` says which
+    keys are wrong and the model is left untouched. There is no lenient fallback: a partially
+    loaded model would be graded with random weights.
     """
     target = model.net if isinstance(model, Normalized) else model
     expected = target.state_dict()

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -57,13 +57,17 @@ class DefenseManifest(BaseModel):
         return value
 
 
+_Number = Annotated[float, Field(strict=True)]
+"""A JSON number; ``true`` or ``"0.5"`` is not one."""
+
+
 class _ManifestDocument(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     architecture: str
     normalization: str | None = None
-    mean: list[float] | None = Field(default=None, min_length=3, max_length=3)
-    std: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    mean: list[_Number] | None = Field(default=None, min_length=3, max_length=3)
+    std: list[_Number] | None = Field(default=None, min_length=3, max_length=3)
 
 
 def _reject(message: str, **details: Any) -> SubmissionRejected:
@@ -155,9 +159,13 @@ def parse_manifest_json(text: bytes, *, allowed: Sequence[Architecture]) -> Defe
     if len(text) > MANIFEST_MAX_BYTES:
         raise _reject(f"The manifest is over {MANIFEST_MAX_BYTES} bytes; it needs only a few keys.")
     try:
-        document = _ManifestDocument.model_validate(json.loads(text.decode("utf-8")))
+        decoded = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _reject(f"The manifest is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise _reject("The manifest is nested too deeply; it is one flat JSON object.") from None
+    try:
+        document = _ManifestDocument.model_validate(decoded)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise _reject(
@@ -190,6 +198,13 @@ def load_defense(
             "unsupported_checkpoint",
             f"{shown}: a checkpoint must be a {accepted} file (a state_dict of tensors).",
             {"accepted": [SAFETENSORS_SUFFIX, *TORCH_SUFFIXES]},
+        )
+    if Path(path).stat().st_size == 0:
+        raise SubmissionRejected(
+            "empty_file",
+            f"{shown} is empty (0 bytes). Check that the checkpoint was written completely before "
+            "uploading it again.",
+            status=400,
         )
     model = build_model(manifest.architecture, mean=manifest.mean, std=manifest.std)
     try:

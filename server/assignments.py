@@ -34,6 +34,9 @@ SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 
 Slug = Annotated[str, Field(pattern=SLUG_PATTERN)]
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_SPEC_VALUES = 100_000
+"""Values a spec may hold with its YAML aliases expanded; real specs hold a few hundred."""
 
 
 class SpecError(ValueError):
@@ -453,14 +456,55 @@ class AssignmentSpec(_Spec):
 
 
 def _read_document(path: Path) -> dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    """The parsed spec file; YAML is read with the safe loader (no Python tags), and the file's
+    size, its nesting and what its YAML aliases expand to are bounded."""
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_SPEC_BYTES + 1)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: over {MAX_SPEC_BYTES // 2**20} MiB; a spec is a few KiB of text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        values = _expanded_size(data, {}, set())
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: not valid {path.suffix.lstrip('.').upper()}: {exc}") from exc
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be an assignment spec") from None
+    except _SelfReference:
+        raise SpecError(f"{path}: a YAML alias refers to the value that contains it") from None
+    if values > MAX_SPEC_VALUES:
+        raise SpecError(
+            f"{path}: its YAML aliases expand it to over {MAX_SPEC_VALUES} values (a 'billion "
+            "laughs' document); write the values out or use fewer aliases"
+        )
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the document must be a table/mapping at the top level")
     return data
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _expanded_size(value: Any, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values ``value`` holds once every shared (aliased) part is counted each time it
+    is referred to; ``sizes`` remembers shared parts, so this costs one visit per distinct one."""
+    if not isinstance(value, dict | list):
+        return 1
+    key = id(value)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise _SelfReference
+    open_.add(key)
+    children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    total = 1 + sum(_expanded_size(child, sizes, open_) for child in children)
+    open_.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _describe(path: Path, exc: ValidationError) -> str:

@@ -12,6 +12,7 @@ from server.config import Settings, get_settings
 from server.db import session_factory_for
 from server.errors import install_error_handlers
 from server.ratelimit import RateLimitMiddleware, windows_for
+from server.upload_limits import UploadLimitMiddleware
 from server.web import install_pages
 from server.web.errors import page_error
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_favicon_url="/static/favicon.svg",
         )
 
+    app.add_middleware(UploadLimitMiddleware, settings=settings, catalog=app.state.catalog)
     app.state.rate_windows = windows_for(settings)
     if settings.rate_limits:
         app.add_middleware(RateLimitMiddleware, settings=settings, windows=app.state.rate_windows)

@@ -7,6 +7,7 @@ import csv
 import io
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -34,6 +35,13 @@ STUDENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 PSEUDONYM = re.compile(r"^[a-z0-9][a-z0-9-]{2,31}$")
 MAX_TOKENS = 20
+FORMULA_PREFIXES = ("=", "+", "-", "@")
+"""A cell starting with one of these is a formula to a spreadsheet (CSV injection), and names
+and emails go into the grade exports TAs open in one."""
+_INVISIBLE_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+"""Bidirectional controls, which make a name display as something else."""
 
 
 class InvalidRoster(ServiceError):
@@ -76,7 +84,10 @@ def parse_roster(content: bytes) -> list[RosterEntry]:
             f"The roster is not UTF-8 text (byte {exc.start}); export it as CSV (UTF-8)."
         ) from exc
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [name.strip().lower() for name in reader.fieldnames or []]
+    try:
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+    except csv.Error as exc:
+        raise _unreadable(reader, exc) from None
     missing = [column for column in ROSTER_COLUMNS if column not in header]
     if missing:
         raise InvalidRoster(
@@ -88,26 +99,19 @@ def parse_roster(content: bytes) -> list[RosterEntry]:
     entries: list[RosterEntry] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
-    for row in reader:
-        line = reader.line_num
-        if len(entries) >= MAX_ROSTER_ROWS:
-            raise InvalidRoster(f"The roster has more than {MAX_ROSTER_ROWS} students.")
-        student_id, name, email = ((row.get(c) or "").strip() for c in ROSTER_COLUMNS)
-        if not (student_id or name or email):
-            continue  # a blank line
-        if not STUDENT_ID.match(student_id):
-            errors.append(
-                f"line {line}: student_id {student_id!r} must be 1-64 letters, digits, '.', '_' "
-                "or '-'"
-            )
-        elif student_id in seen:
-            errors.append(f"line {line}: student_id {student_id} also on line {seen[student_id]}")
-        if not name or len(name) > 255:
-            errors.append(f"line {line}: name must be 1-255 characters")
-        if not EMAIL.match(email) or len(email) > 255:
-            errors.append(f"line {line}: email {email!r} is not an address")
-        seen.setdefault(student_id, line)
-        entries.append(RosterEntry(student_id, name, email, line))
+    try:
+        for row in reader:
+            line = reader.line_num
+            if len(entries) >= MAX_ROSTER_ROWS:
+                raise InvalidRoster(f"The roster has more than {MAX_ROSTER_ROWS} students.")
+            student_id, name, email = ((row.get(c) or "").strip() for c in ROSTER_COLUMNS)
+            if not (student_id or name or email):
+                continue  # a blank line
+            errors += _row_problems(line, student_id, name, email, seen)
+            seen.setdefault(student_id, line)
+            entries.append(RosterEntry(student_id, name, email, line))
+    except csv.Error as exc:
+        raise _unreadable(reader, exc) from None
     if errors:
         shown = errors[:MAX_ERRORS_SHOWN]
         more = f" (and {len(errors) - len(shown)} more)" if len(errors) > len(shown) else ""
@@ -120,6 +124,45 @@ def parse_roster(content: bytes) -> list[RosterEntry]:
     if not entries:
         raise InvalidRoster("The roster has a header but no students.")
     return entries
+
+
+def _unreadable(reader: csv.DictReader[str], exc: csv.Error) -> InvalidRoster:
+    """csv's own refusal (a field over its 128 KiB limit: no roster has one), with the line."""
+    return InvalidRoster(
+        f"The roster cannot be read as CSV: line {reader.line_num + 1}: {exc}. Export it "
+        "again as CSV with the columns student_id,name,email."
+    )
+
+
+def _row_problems(
+    line: int, student_id: str, name: str, email: str, seen: dict[str, int]
+) -> list[str]:
+    problems = []
+    if not STUDENT_ID.match(student_id):
+        problems.append(
+            f"line {line}: student_id {student_id!r} must be 1-64 letters, digits, '.', '_' or '-'"
+        )
+    elif student_id in seen:
+        problems.append(f"line {line}: student_id {student_id} also on line {seen[student_id]}")
+    if not name or len(name) > 255:
+        problems.append(f"line {line}: name must be 1-255 characters")
+    if not EMAIL.match(email) or len(email) > 255:
+        problems.append(f"line {line}: email {email!r} is not an address")
+    for column, value in (("name", name), ("email", email)):
+        if value.startswith(FORMULA_PREFIXES):
+            problems.append(
+                f"line {line}: {column} {value[:40]!r} starts with {value[0]!r}, which makes it a "
+                "formula in a spreadsheet; remove that character"
+            )
+        if any(
+            unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _INVISIBLE_CONTROLS
+            for ch in value
+        ):
+            problems.append(
+                f"line {line}: {column} contains a control character (shown escaped: "
+                f"{ascii(value[:40])}); remove it"
+            )
+    return problems
 
 
 def _new_invitation(

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
 from server.deps import CurrentUser, SessionDep, SettingsDep, StaffUser
+from server.errors import UploadTooLarge
 from server.models import ApiToken
 from server.schemas import (
     InvitationIn,
@@ -39,6 +40,12 @@ def import_roster(
     """Create or update the students of a CSV roster; each student without a password gets a
     one-time invitation code (shown only in this answer). One bad line imports nobody."""
     content = file.file.read(accounts.MAX_ROSTER_BYTES + 1)
+    if len(content) > accounts.MAX_ROSTER_BYTES:
+        raise UploadTooLarge(
+            f"The roster is larger than {accounts.MAX_ROSTER_BYTES // 2**20} MiB; a roster of "
+            f"{accounts.MAX_ROSTER_ROWS} students fits well within that. Upload only the CSV.",
+            {"limit_bytes": accounts.MAX_ROSTER_BYTES},
+        )
     imported = accounts.import_roster(
         session,
         actor=user,

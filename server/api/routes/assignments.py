@@ -25,7 +25,7 @@ from server.deps import (
     SettingsDep,
     public_or_logged_in,
 )
-from server.errors import NotFound, UploadTooLarge
+from server.errors import NotFound
 from server.schemas import (
     AssignmentPublic,
     AssignmentsPublic,
@@ -111,7 +111,6 @@ def submit(
     settings: SettingsDep,
     session: SessionDep,
     user: CurrentUser,
-    request: Request,
     response: Response,
     file: Annotated[
         UploadFile,
@@ -133,18 +132,10 @@ def submit(
     or a 4xx naming the problem (nothing is stored or counted then)."""
     phase = catalog.phase(assignment, phase_id)
     parsed = _defense_manifest(phase, architecture, normalization, mean, std, manifest)
-    limit = submissions.upload_limit(settings=settings, phase=phase)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit + 64 * 1024:
-        raise UploadTooLarge(
-            f"The upload is {int(declared) / 2**20:.1f} MiB; this phase accepts at most "
-            f"{limit / 2**20:.1f} MiB.",
-            {"limit_bytes": limit},
-        )
-    upload = receive_upload(
+    upload = receive_upload(  # the body was capped while it streamed in: server.upload_limits
         file.file,
         file_name=file.filename or "upload",
-        limit=limit,
+        limit=submissions.upload_limit(settings=settings, phase=phase),
         directory=settings.upload_path / "incoming",
     )
     accepted = submissions.create_submission(
