@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import math
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from server.asgi import ASGIApp, Receive, Scope, Send, send_error
 from server.config import Settings
-from server.errors import error_body
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_PATH = re.compile(r"^/api/v1/assignments/[^/]+/phases/[^/]+/submissions/?$")
 LOGIN_PATHS = frozenset({"/login", "/invite", "/api/v1/invitations/accept"})
@@ -209,26 +201,16 @@ async def _too_many(
         f"Too many {what} {who}: at most {rule}. Try again in {retry} s; nothing was received "
         "or counted."
     )
-    if scope["path"].startswith("/api/"):
-        body = json.dumps(
-            error_body("rate_limited", message, {"retry_after_s": retry, "limit": str(rule)})
-        ).encode()
-        content_type = b"application/json"
-    else:
-        body = f"<!doctype html><title>Too many requests</title><p>{message}</p>".encode()
-        content_type = b"text/html; charset=utf-8"
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 429,
-            "headers": [
-                (b"content-type", content_type),
-                (b"retry-after", str(retry).encode()),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
+    await send_error(
+        send,
+        scope,
+        status=429,
+        code="rate_limited",
+        title="Too many requests",
+        message=message,
+        details={"retry_after_s": retry, "limit": str(rule)},
+        headers=[(b"retry-after", str(retry).encode())],
     )
-    await send({"type": "http.response.body", "body": body})
 
 
 async def record_login_failure(windows: Windows, settings: Settings, username: str) -> None:

@@ -39,7 +39,7 @@ from server.models import (
 )
 from server.schemas import SubmissionPublic
 from server.services.deadlines import due_for
-from server.services.staff import require_reason
+from server.services.staff import csv_text, require_reason
 from server.services.submissions import to_public
 
 UNSCORED_STATUSES = (SubmissionStatus.QUEUED, SubmissionStatus.RUNNING, SubmissionStatus.FAILED)
@@ -371,10 +371,10 @@ def phase_grades(
         selected = standing.selected if standing is not None else None
         points = phase.grading.points_for(score) if phase.grading is not None else None
         grades[user.id] = {
-            "student_id": user.username,
-            "name": user.full_name or "",
-            "email": user.email or "",
-            "pseudonym": user.pseudonym,
+            "student_id": csv_text(user.username),
+            "name": csv_text(user.full_name or ""),
+            "email": csv_text(user.email or ""),
+            "pseudonym": csv_text(user.pseudonym),
             "submission_id": selected.id if selected is not None else "",
             "final_score": "" if score is None else f"{score:.6f}",
             "rank": "" if rank is None else rank,
@@ -404,8 +404,8 @@ def assignment_grades_csv(session: Session, assignment: AssignmentSpec) -> str:
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for user in _students(session):
-        row: dict[str, Any] = {"student_id": user.username, "name": user.full_name or ""}
-        row["email"] = user.email or ""
+        row: dict[str, Any] = {"student_id": csv_text(user.username)}
+        row["name"], row["email"] = csv_text(user.full_name or ""), csv_text(user.email or "")
         total = 0.0
         for phase in assignment.phases:
             grade = per_phase[phase.id][user.id]

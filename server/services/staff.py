@@ -387,6 +387,15 @@ def raise_quota(
     return grant
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell a spreadsheet will not run as a formula: a leading ``= + - @`` (or tab, CR)
+    gets a ``'`` in front. The roster refuses such names; accounts made otherwise may have them."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 EXPORT_COLUMNS = (
     "username",
     "pseudonym",
@@ -419,8 +428,8 @@ def export_scores_csv(session: Session, *, assignment: AssignmentSpec, phase: Ph
     for row in sorted(best.values(), key=lambda r: r.user.username):
         writer.writerow(
             [
-                row.user.username,
-                row.user.pseudonym,
+                csv_text(row.user.username),
+                csv_text(row.user.pseudonym),
                 row.id,
                 "" if row.score is None else f"{row.score:.6f}",
                 f"{row.final_score:.6f}",

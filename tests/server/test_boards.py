@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from server.assignments import SpecError, load_assignment
 from server.db import utcnow
 from server.main import create_app
-from server.models import Submission, SubmissionStatus
+from server.models import Submission, SubmissionStatus, User
 from server.services.boards import private_score, public_points, public_score
 from tests.conftest import PHASE, SLUG, Account, Artifacts, spec_toml, write_spec
 
@@ -296,3 +296,18 @@ def test_the_selection_cannot_change_after_the_deadline(
             )
         (entry,) = board(client, alice).json()["entries"]
         assert entry["submission_id"] == marked  # the marked one counts, not the better one
+
+
+def test_exports_do_not_hand_a_spreadsheet_a_formula(
+    accounts: dict[str, Account], artifacts: Artifacts, settings, db
+) -> None:
+    write_spec(settings.assignments_dir, spec(artifacts))
+    with db() as session:  # `autograder user add` takes any name; the roster would refuse it
+        user = session.get(User, accounts["alice"].user_id)
+        user.full_name, user.email = "=HYPERLINK(\"http://x\")", "@evil"
+        session.commit()
+    add_scored(db, accounts["alice"], 0.2, 0.2, minutes_ago=5)
+    with TestClient(create_app(settings)) as client:
+        text = client.get(f"{BASE}/grades.csv", headers=accounts["ta"].headers).text
+    row = next(r for r in csv.DictReader(io.StringIO(text)) if r["student_id"] == "alice")
+    assert row["name"] == "'=HYPERLINK(\"http://x\")" and row["email"] == "'@evil"
