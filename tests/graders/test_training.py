@@ -153,6 +153,8 @@ def test_resnet20_reaches_90_percent_with_the_demo_recipe() -> None:
     test_x, test_y = make_synthetic(50, seed=2)
     torch.manual_seed(1)
     model = build_model(Architecture.RESNET20)
-    report = train_classifier(model, train_x, train_y, epochs=6, seed=1, time_budget_s=60)
+    # No time budget here: on a loaded machine the budget would cut epochs and test the load;
+    # the claim is about the recipe (6 epochs). The demo's budget is tested above.
+    report = train_classifier(model, train_x, train_y, epochs=6, seed=1)
     held_out = accuracy(model, test_x, test_y)
-    assert held_out >= 0.9, (held_out, report)
+    assert report.epochs_run == 6 and held_out >= 0.9, (held_out, report)
