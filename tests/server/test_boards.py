@@ -304,10 +304,10 @@ def test_exports_do_not_hand_a_spreadsheet_a_formula(
     write_spec(settings.assignments_dir, spec(artifacts))
     with db() as session:  # `autograder user add` takes any name; the roster would refuse it
         user = session.get(User, accounts["alice"].user_id)
-        user.full_name, user.email = "=HYPERLINK(\"http://x\")", "@evil"
+        user.full_name, user.email = '=HYPERLINK("http://x")', "@evil"
         session.commit()
     add_scored(db, accounts["alice"], 0.2, 0.2, minutes_ago=5)
     with TestClient(create_app(settings)) as client:
         text = client.get(f"{BASE}/grades.csv", headers=accounts["ta"].headers).text
     row = next(r for r in csv.DictReader(io.StringIO(text)) if r["student_id"] == "alice")
-    assert row["name"] == "'=HYPERLINK(\"http://x\")" and row["email"] == "'@evil"
+    assert row["name"] == '\'=HYPERLINK("http://x")' and row["email"] == "'@evil"
