@@ -9,6 +9,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.db import POOL_CAPACITY
+
 DEFAULT_SECRET_KEY = "dev-insecure-secret-change-me"
 
 
@@ -48,6 +50,20 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str | None = None
     worker_concurrency: int = Field(default=1, ge=1)
+    worker_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="scheduling niceness of the grading processes: on a machine they share with "
+        "the API, uploads and pages are answered first and grading takes the CPU left over",
+    )
+    api_db_sessions: int = Field(
+        default=24,
+        ge=1,
+        le=POOL_CAPACITY - 2,
+        description="requests of an API process that hold a database session at once; the rest "
+        "wait their turn without holding a worker thread or a connection",
+    )
     worker_queues: str = Field(
         default="cpu,gpu",
         pattern=r"^(cpu|gpu)(,(cpu|gpu))?$",

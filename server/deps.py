@@ -4,10 +4,11 @@ token or browser session, with CSRF checks for the latter)."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -31,9 +32,21 @@ def get_catalog(request: Request) -> Catalog:
     return catalog
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.session_factory() as session:
-        yield session
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """The request's database session, one of at most ``settings.api_db_sessions`` at once.
+
+    A sync dependency's clean-up runs in a worker thread. Unbounded, a burst of requests takes
+    every thread to wait for a connection while the requests holding the connections wait for a
+    thread to close their sessions, and nothing moves until the pool's timeout. Here a request
+    waits for its turn in the event loop, holding neither, and the session is closed in a thread
+    that is always there: fewer sessions than threads are ever open.
+    """
+    async with request.app.state.db_sessions:
+        session = request.app.state.session_factory()
+        try:
+            yield session
+        finally:
+            await run_in_threadpool(session.close)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
@@ -37,6 +38,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.assignments_dir, visibility_timeout_s=settings.visibility_timeout_s
     )
     app.state.session_factory = session_factory_for(settings.db_url)
+    app.state.db_sessions = anyio.Semaphore(settings.api_db_sessions)  # see server.deps.get_db
     install_error_handlers(app, pages=page_error)
     api = APIRouter(prefix=API_PREFIX)
     for module in (system, accounts, assignments, submissions, staff):

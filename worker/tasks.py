@@ -116,8 +116,11 @@ def _stop_heartbeat(sender: Any = None, **_: Any) -> None:
 
 @worker_process_init.connect
 def _init_process(**_: Any) -> None:
-    """A forked pool process: own database connections, and the configured torch threads."""
+    """A forked pool process: own database connections, the configured torch threads, and the
+    grading niceness (the API on the same machine answers first)."""
     forget_engines()
-    threads = get_settings().torch_threads
-    if threads:
-        torch.set_num_threads(threads)
+    settings = get_settings()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.worker_nice:
+        os.nice(settings.worker_nice)
