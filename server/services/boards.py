@@ -21,7 +21,7 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only, selectinload
 
 from server.assignments import AssignmentSpec, Feedback, PhaseSpec, Selection, Track
 from server.catalog import Catalog
@@ -78,13 +78,14 @@ def public_score(
         return submission.score_override
     if submission.score is None:
         return None
-    results = submission.results or {}
     board = phase.leaderboard
     if phase.track is Track.ATTACK and board.public_models is not None:
+        results = submission.results or {}
         per_model = {m["name"]: m["adversarial_accuracy"] for m in results.get("models", [])}
         wanted = [per_model[name] for name in board.public_models if name in per_model]
         return sum(wanted) / len(wanted) if wanted else submission.score
     if phase.track is Track.DEFENSE and board.public_fraction is not None:
+        results = submission.results or {}
         suite = (results.get("suites") or {}).get(results.get("leaderboard_suite", ""), {})
         broken_by = suite.get("broken_by")
         if not broken_by:
@@ -196,8 +197,21 @@ def _best(
 
 def standings(session: Session, assignment: AssignmentSpec, phase: PhaseSpec) -> list[Standing]:
     """Every student with a submission in the phase, with their public best and final pick."""
+    # Only what ranking reads: a board is looked at often, and decoding every row's JSON columns
+    # would cost the API more than the uploads it is accepting (a column left out loads on use).
+    columns = [
+        Submission.user_id,
+        Submission.status,
+        Submission.score,
+        Submission.score_override,
+        Submission.marked_at,
+        Submission.created_at,
+    ]
+    if phase.track is Track.DEFENSE or phase.leaderboard.public_models is not None:
+        columns.append(Submission.results)  # the public or final score is inside
     rows = session.scalars(
         select(Submission)
+        .options(load_only(*columns), selectinload(Submission.user))
         .where(
             Submission.assignment_slug == assignment.slug,
             Submission.phase_id == phase.id,

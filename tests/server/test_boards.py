@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 from server.assignments import SpecError, load_assignment
 from server.db import utcnow
@@ -311,3 +312,42 @@ def test_exports_do_not_hand_a_spreadsheet_a_formula(
         text = client.get(f"{BASE}/grades.csv", headers=accounts["ta"].headers).text
     row = next(r for r in csv.DictReader(io.StringIO(text)) if r["student_id"] == "alice")
     assert row["name"] == '\'=HYPERLINK("http://x")' and row["email"] == "'@evil"
+
+
+@pytest.mark.parametrize("public_models", [False, True])
+def test_a_board_view_costs_the_same_queries_however_many_submissions(
+    accounts: dict[str, Account], artifacts: Artifacts, settings, db, public_models: bool
+) -> None:
+    # Boards are looked at all through a deadline: one query per submission (a lazy user, a
+    # results column decoded on use) would make every view cost more than the uploads.
+    board_spec = 'public_models = ["net-a"]' if public_models else ""
+    write_spec(settings.assignments_dir, spec(artifacts, board=board_spec))
+    statements: list[str] = []
+    engine = db.kw["bind"]
+
+    def count(_conn, _cursor, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    def queries_for_a_view(client: TestClient) -> int:
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            response = board(client, accounts["ta"])
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert response.status_code == 200
+        return len(statements)
+
+    with TestClient(create_app(settings)) as client:
+        add_scored(db, accounts["alice"], net_a=0.5, net_b=0.5, minutes_ago=100)
+        few = queries_for_a_view(client)
+        for minute in range(40):
+            who = accounts["alice"] if minute % 2 else accounts["bob"]
+            add_scored(db, who, net_a=minute / 40, net_b=0.2, minutes_ago=minute)
+        many = queries_for_a_view(client)
+        entries = board(client, accounts["ta"]).json()["entries"]
+    assert many == few <= 8
+    assert [(e["rank"], e["submissions"]) for e in entries] in (
+        [(1, 21), (2, 20)],
+        [(1, 20), (2, 21)],
+    )
