@@ -57,6 +57,14 @@ class Settings(BaseSettings):
         description="scheduling niceness of the grading processes: on a machine they share with "
         "the API, uploads and pages are answered first and grading takes the CPU left over",
     )
+    api_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="API processes `autograder up` starts (uvicorn --workers): one Python "
+        "process answers from one core; with a Redis broker the rate-limit counters are shared, "
+        "with the embedded one each process keeps its own",
+    )
     api_db_sessions: int = Field(
         default=24,
         ge=1,

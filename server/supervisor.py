@@ -41,6 +41,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def api_command(settings: Settings) -> list[str]:
+    """uvicorn with ``settings.api_processes`` processes (one: no process manager)."""
+    processes = ["--workers", str(settings.api_processes)] if settings.api_processes > 1 else []
     return [
         sys.executable,
         "-m",
@@ -53,6 +55,7 @@ def api_command(settings: Settings) -> list[str]:
         str(settings.port),
         "--log-level",
         "warning",
+        *processes,
     ]
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from server.config import Environment, Settings
-from server.supervisor import settings_env, up, worker_command
+from server.supervisor import api_command, settings_env, up, worker_command
 
 
 def test_children_get_the_same_settings(tmp_path: Path, monkeypatch) -> None:
@@ -50,3 +50,13 @@ def test_worker_command_names_the_node(settings: Settings, name: str) -> None:
     command = worker_command(settings, name)
     assert command[command.index("--hostname") + 1].startswith(f"{name}-")
     assert "--without-gossip" in command  # embedded SQLite transport has no broadcast
+
+
+@pytest.mark.parametrize(("processes", "workers"), [(1, None), (2, "2"), (4, "4")])
+def test_api_command_starts_the_configured_processes(
+    settings: Settings, processes: int, workers: str | None
+) -> None:
+    command = api_command(settings.model_copy(update={"api_processes": processes}))
+    assert command[command.index("--port") + 1] == str(settings.port)
+    shown = command[command.index("--workers") + 1] if "--workers" in command else None
+    assert shown == workers
