@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from server.assignments import SpecError, TimeLimits, load_assignment
+from server.assignments import PhaseSpec, SpecError, TimeLimits, load_assignment
 from server.config import Settings
 from server.db import utcnow
 from server.models import FailureCause, Submission, SubmissionStatus
@@ -54,20 +54,34 @@ def send_scoring_task(
     return str(result.id)
 
 
-def enqueue(session: Session, settings: Settings, submission_id: str) -> bool:
+def enqueue(
+    session: Session,
+    settings: Settings,
+    submission_id: str,
+    *,
+    phase: PhaseSpec | None = None,
+    queue: str | None = None,
+) -> bool:
     """Send a committed, queued submission to the broker and record the task id.
 
+    ``phase`` and ``queue`` are the submission's phase and queue when the caller holds them (the
+    API has just checked the upload against the phase), which spares reading the row and the
+    spec file again; otherwise both are read.
     If the broker is down the submission stays queued without a task id and is sent by
     :func:`enqueue_pending` later; nothing is lost.
     """
-    row = session.execute(
-        select(Submission.queue, Submission.assignment_slug, Submission.phase_id).where(
-            Submission.id == submission_id
-        )
-    ).one()
-    time_limits = phase_time_limits(settings, row.assignment_slug, row.phase_id)
+    if phase is not None and queue is not None:
+        time_limits: TimeLimits | None = phase.time_limits
+    else:
+        row = session.execute(
+            select(Submission.queue, Submission.assignment_slug, Submission.phase_id).where(
+                Submission.id == submission_id
+            )
+        ).one()
+        queue = row.queue or "cpu"
+        time_limits = phase_time_limits(settings, row.assignment_slug, row.phase_id)
     try:
-        task_id = send_scoring_task(settings, submission_id, row.queue or "cpu", time_limits)
+        task_id = send_scoring_task(settings, submission_id, queue, time_limits)
     except Exception:
         log.warning("broker unreachable; submission %s stays queued", submission_id, exc_info=True)
         return False

@@ -14,7 +14,7 @@ from datetime import timedelta
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from server.db import utcnow
 from server.models import ApiToken, Role, User, WebSession
@@ -120,12 +120,11 @@ def issue_token(session: Session, *, user: User, secret_key: str, name: str = "d
 
 def user_for_token(session: Session, *, token: str, secret_key: str) -> User | None:
     """The owner of an unrevoked token, or ``None``."""
-    row = session.scalar(
-        select(ApiToken).where(
-            ApiToken.token_hash == hash_token(token, secret_key), ApiToken.revoked_at.is_(None)
-        )
+    return session.scalar(
+        select(User)
+        .join(ApiToken, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == hash_token(token, secret_key), ApiToken.revoked_at.is_(None))
     )
-    return row.user if row is not None else None
 
 
 def revoke_tokens(session: Session, *, user: User) -> int:
@@ -195,7 +194,9 @@ def start_session(
 def session_for_cookie(session: Session, *, token: str, secret_key: str) -> WebSession | None:
     """The live (unexpired, unrevoked) session whose cookie this is, or ``None``."""
     return session.scalar(
-        select(WebSession).where(
+        select(WebSession)
+        .options(joinedload(WebSession.user))
+        .where(
             WebSession.token_hash == hash_token(token, secret_key),
             WebSession.revoked_at.is_(None),
             WebSession.expires_at > utcnow(),

@@ -50,23 +50,24 @@ def quota(
     now = now or utcnow()
     local_now = now.astimezone(assignment.zone)
     day_start = datetime.combine(local_now.date(), time(), tzinfo=assignment.zone)
-    charged = (
-        select(func.count())
-        .select_from(Submission)
-        .where(
+    used_today, used_total = session.execute(
+        select(
+            func.count().filter(Submission.created_at >= day_start),
+            func.count(),
+        ).where(
             Submission.user_id == user.id,
             Submission.assignment_slug == assignment.slug,
             Submission.phase_id == phase.id,
             Submission.status.in_(CHARGED),
         )
-    )
+    ).one()
     grant = quota_grant_for(session, user, assignment, phase)
     extra_day, extra_total = (grant.extra_per_day, grant.extra_total) if grant else (0, 0)
     limits = phase.limits
     return QuotaPublic(
-        used_today=session.scalar(charged.where(Submission.created_at >= day_start)) or 0,
+        used_today=used_today,
         max_per_day=None if limits.max_per_day is None else limits.max_per_day + extra_day,
-        used_total=session.scalar(charged) or 0,
+        used_total=used_total,
         max_total=None if limits.max_total is None else limits.max_total + extra_total,
         resets_at=day_start + timedelta(days=1),
     )
@@ -232,7 +233,7 @@ def create_submission(
     except Exception:
         stored_path.unlink(missing_ok=True)
         raise
-    enqueue(session, settings, submission.id)
+    enqueue(session, settings, submission.id, phase=phase, queue=queue)
     session.refresh(submission)
     return Accepted(submission, reused=False)
 
