@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-defense bench-queue clean-demo
+.PHONY: demo test lint bench bench-defense bench-queue bench-load clean-demo
 
 # torchattacks is the independent reference the defense suite is checked against
 # (tests/graders/attacks/test_reference.py, bench/defense_suite.py). It goes in with --no-deps:
@@ -41,6 +41,13 @@ bench-defense: $(STAMP)
 BENCH_QUEUE_ARGS ?=
 bench-queue: $(STAMP)
 	$(BIN)/python -m bench.queue_throughput $(BENCH_QUEUE_ARGS)
+
+# 200 students through the last 10 minutes before a deadline, then 60 s of uploads at 50/s, against
+# the same deployment with the rate limits on (40 to 60 minutes on 2 cores, most of it scoring the
+# backlog); `BENCH_LOAD_ARGS="--minutes 2 --burst-seconds 20"` is a quick run.
+BENCH_LOAD_ARGS ?=
+bench-load: $(STAMP)
+	$(BIN)/python -m bench.deadline_load $(BENCH_LOAD_ARGS)
 
 clean-demo:
 	rm -rf .autograder
