@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import json
 import os
 import random
@@ -49,7 +48,6 @@ from bench.attack_phase import (
     Service,
     _busy_seconds,
     _service_env,
-    _setting,
     machine,
     make_batch,
 )
@@ -57,8 +55,10 @@ from bench.queue_throughput import (
     EVAL_IMAGES,
     Sample,
     _tree,
+    add_deployment_options,
     broker_leftovers,
     build_home,
+    clean_images,
     collect,
     infrastructure,
     log_counts,
@@ -862,15 +862,7 @@ async def drive(
         httpx.AsyncClient(base_url=base, timeout=args.request_timeout) as http,
         aiohttp.ClientSession(connector=pool, timeout=timeout) as students_http,
     ):
-        download = await http.get(
-            f"{phase_url}/dataset",
-            params={"format": "npz"},
-            headers={"Authorization": f"Bearer {students[0].token}"},
-        )
-        download.raise_for_status()
-        clean = np.load(io.BytesIO(download.content))["images"]
-        if clean.shape[0] != EVAL_IMAGES:
-            raise BenchError(f"the demo holds {clean.shape[0]} images, not {EVAL_IMAGES}")
+        clean = await clean_images(http, phase_url, students[0].token)
         crowd = Crowd(students_http, base, phase_url, students, Batches(clean, args.seed), args)
         meter = LoadMeter()
         metering = asyncio.create_task(meter.run())
@@ -1155,22 +1147,9 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=1800.0, help="seconds to wait for a step to drain"
     )
     parser.add_argument(
-        "--home", type=Path, help="demo home to build or reuse (default: temporary)"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument(
         "--py-spy", type=Path, help="py-spy binary: sample the API process during the burst"
     )
-    parser.add_argument(
-        "--setting",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a service setting on top of "
-        + ", ".join(f"{k}={v}" for k, v in SERVICE_SETTINGS.items()),
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    add_deployment_options(parser, settings=SERVICE_SETTINGS, results=RESULTS)
     args = parser.parse_args(argv)
     args.setting = dict(args.setting)
     if not set(args.steps) <= {"scenario", "burst"} or not args.steps:

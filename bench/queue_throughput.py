@@ -285,23 +285,30 @@ async def collect(
     await asyncio.gather(*(one(s) for s in samples if s.accepted))
 
 
+async def clean_images(http: httpx.AsyncClient, phase_url: str, token: str) -> np.ndarray:
+    """The phase's clean images, downloaded as a student does; the demo must hold
+    ``EVAL_IMAGES`` of them."""
+    download = await http.get(
+        f"{phase_url}/dataset",
+        params={"format": "npz"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    download.raise_for_status()
+    clean: np.ndarray = np.load(io.BytesIO(download.content))["images"]
+    if clean.shape[0] != EVAL_IMAGES:
+        raise BenchError(
+            f"the demo holds {clean.shape[0]} images, not {EVAL_IMAGES}; use another --home"
+        )
+    return clean
+
+
 async def drive(
     base: str, phase_url: str, pool: list[tuple[str, str]], args: argparse.Namespace
 ) -> tuple[list[Sample], bool, float]:
     """Download the clean images, submit, wait for the queue to drain and read every row back.
     Returns the samples, whether the queue drained in time, and the wall time to drain."""
     async with httpx.AsyncClient(base_url=base, timeout=120.0) as http:
-        download = await http.get(
-            f"{phase_url}/dataset",
-            params={"format": "npz"},
-            headers={"Authorization": f"Bearer {pool[0][1]}"},
-        )
-        download.raise_for_status()
-        clean = np.load(io.BytesIO(download.content))["images"]
-        if clean.shape[0] != EVAL_IMAGES:
-            raise BenchError(
-                f"the demo holds {clean.shape[0]} images, not {EVAL_IMAGES}; use another --home"
-            )
+        clean = await clean_images(http, phase_url, pool[0][1])
         started = time.perf_counter()
         submitting = asyncio.create_task(
             submit_all(http, f"{phase_url}/submissions", clean, pool, args)
@@ -544,6 +551,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def add_deployment_options(
+    parser: argparse.ArgumentParser, *, settings: dict[str, str], results: Path
+) -> None:
+    """The options of a benchmark that runs the service: the demo home, keeping it, service
+    settings on top of ``settings``, and the results file (default ``results``)."""
+    parser.add_argument(
+        "--home", type=Path, help="demo home to build or reuse (default: temporary)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
+    parser.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a service setting on top of " + ", ".join(f"{k}={v}" for k, v in settings.items()),
+    )
+    parser.add_argument("--out", type=Path, default=results, help="JSON results file")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submissions", type=int, default=1000)
@@ -558,20 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds to wait after the last POST"
     )
-    parser.add_argument(
-        "--home", type=Path, help="demo home to build or reuse (default: temporary)"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument(
-        "--setting",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a service setting on top of "
-        + ", ".join(f"{k}={v}" for k, v in SERVICE_SETTINGS.items()),
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    add_deployment_options(parser, settings=SERVICE_SETTINGS, results=RESULTS)
     args = parser.parse_args(argv)
     args.setting = dict(args.setting)
     if args.submissions < 1 or args.students < 1 or args.concurrency < 1 or args.rate < 0:
