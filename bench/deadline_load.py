@@ -79,8 +79,10 @@ SERVICE_SETTINGS = {
     "rate_limits": "true",
     # One loopback address stands for 200 students' own; the per-account limit keeps its default.
     "upload_rate_per_address": "1000000/60",
+    "api_processes": "2",  # as docker-compose.yml runs it; one process tops out near one core
 }
-"""The queue benchmark's two worker processes (one torch thread each), with the rate limits on."""
+"""The queue benchmark's two worker processes (one torch thread each), with the rate limits on
+and two API processes."""
 BURST_AT = (0.5, 0.8, 0.95)
 """Where in the scenario the three bursts start, as fractions of its length."""
 BURST_S = 10.0
@@ -1147,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=1800.0, help="seconds to wait for a step to drain"
     )
     parser.add_argument(
-        "--py-spy", type=Path, help="py-spy binary: sample the API process during the burst"
+        "--py-spy", type=Path, help="py-spy binary: sample one API process during the burst"
     )
     add_deployment_options(parser, settings=SERVICE_SETTINGS, results=RESULTS)
     args = parser.parse_args(argv)
