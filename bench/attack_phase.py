@@ -32,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "attack_phase.json"
+SERVICE_SETTINGS = {"rate_limits": "false"}
+"""One student uploads back to back; the rate limits would refuse that."""
 EVAL_IMAGES = 500
 EPS = 8
 # Timing does not depend on how well the hidden models are trained: train them briefly.
@@ -607,33 +609,39 @@ def _setting(text: str) -> tuple[str, str]:
     return name.lower(), value
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--submissions", type=int, default=30, help="timed submissions")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed submissions first")
+def add_deployment_options(
+    parser: argparse.ArgumentParser, *, settings: dict[str, str], results: Path
+) -> None:
+    """The options of a benchmark that runs the service: the demo home, keeping it, service
+    settings on top of ``settings``, and the results file (default ``results``)."""
     parser.add_argument(
-        "--home", type=Path, help="demo home to build or reuse (default: a temporary one)"
+        "--home", type=Path, help="demo home to build or reuse (default: temporary)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=0.025,
-        help="seconds between status polls (default 0.025)",
-    )
     parser.add_argument(
         "--setting",
         type=_setting,
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a service setting, e.g. torch_threads=1 or "
-        "broker_polling_interval_s=0.02 (default: the service's own)",
+        help="a service setting on top of " + ", ".join(f"{k}={v}" for k, v in settings.items()),
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--out", type=Path, default=results, help="JSON results file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--submissions", type=int, default=30, help="timed submissions")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed submissions first")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.025,
+        help="seconds between status polls (default 0.025)",
+    )
+    add_deployment_options(parser, settings=SERVICE_SETTINGS, results=RESULTS)
     args = parser.parse_args(argv)
-    args.setting = dict(args.setting)
-    args.setting.setdefault("rate_limits", "false")  # back-to-back uploads of one student
+    args.setting = {**SERVICE_SETTINGS, **dict(args.setting)}
     if args.submissions < 1 or args.warmup < 0:
         parser.error("--submissions must be at least 1 and --warmup at least 0")
     try:

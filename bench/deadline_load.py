@@ -48,6 +48,7 @@ from bench.attack_phase import (
     Service,
     _busy_seconds,
     _service_env,
+    add_deployment_options,
     machine,
     make_batch,
 )
@@ -55,7 +56,6 @@ from bench.queue_throughput import (
     EVAL_IMAGES,
     Sample,
     _tree,
-    add_deployment_options,
     broker_leftovers,
     build_home,
     clean_images,
@@ -497,9 +497,9 @@ def cpu_by_program() -> dict[str, float]:
         pid, inherited = pending.pop()
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError):
             continue
+        command = _command_line(pid)
         values = stat.rsplit(")", 1)[1].split()
         program = next((name for key, name in PROGRAMS if key in command), inherited)
         if program == "client" and pid != os.getpid():

@@ -47,7 +47,7 @@ from bench.attack_phase import (
     _others_share,
     _parse_time,
     _service_env,
-    _setting,
+    add_deployment_options,
     machine,
     make_batch,
 )
@@ -549,26 +549,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
         "samples": [asdict(s) for s in samples],
     }
-
-
-def add_deployment_options(
-    parser: argparse.ArgumentParser, *, settings: dict[str, str], results: Path
-) -> None:
-    """The options of a benchmark that runs the service: the demo home, keeping it, service
-    settings on top of ``settings``, and the results file (default ``results``)."""
-    parser.add_argument(
-        "--home", type=Path, help="demo home to build or reuse (default: temporary)"
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the temporary home")
-    parser.add_argument(
-        "--setting",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a service setting on top of " + ", ".join(f"{k}={v}" for k, v in settings.items()),
-    )
-    parser.add_argument("--out", type=Path, default=results, help="JSON results file")
 
 
 def main(argv: list[str] | None = None) -> int:
